@@ -1,0 +1,1 @@
+"""Auto Deploy controller: spec loading, policies, drivers, store, reconcile loop, CLI."""

@@ -1,0 +1,1 @@
+"""Drivers act on instances (processes, containers, Pulumi stacks); they never decide."""

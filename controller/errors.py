@@ -1,0 +1,68 @@
+"""Every error a user can see, with its code. The README's error table is generated from this."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ErrorCode:
+    code: int
+    http_status: int
+    msg: str
+    fix: str  # what the user should change; shown in the README table
+
+
+UNKNOWN_DEPLOYMENT = ErrorCode(1001, 404, "deployment not found",
+                               "Check the name in the URL against `autodeploy status`.")
+DEPLOYMENT_STOPPED = ErrorCode(1002, 503, "deployment stopped",
+                               "Start it: `autodeploy start NAME` or set `spec.state: running`.")
+INSTANCE_START_FAILED = ErrorCode(1003, 502, "instance failed to start",
+                                  "Read the log lines in the message; fix `spec.command` or the image.")
+QUEUE_FULL = ErrorCode(1004, 503, "cold start queue full",
+                       "Retry after the Retry-After seconds, or raise maxReplicas.")
+START_TIMEOUT = ErrorCode(1005, 504, "timed out waiting for an instance",
+                          "Retry later; raise the start timeout if the model loads slowly.")
+ROUTE_TARGET_NOT_FOUND = ErrorCode(1006, 404, "route target not found",
+                                   "Use a running instance id from Deploy-Route-Target, or drop the header.")
+REPLICA_QUOTA_EXCEEDED = ErrorCode(1007, 429, "deployment replica quota exceeded",
+                                   "Wait for an instance to be released, or raise maxReplicas.")
+UPSTREAM_FAILED = ErrorCode(1008, 502, "instance connection failed",
+                            "The instance closed the connection; check its log (`autodeploy logs NAME`).")
+NO_FREE_GPU = ErrorCode(1009, 503, "no free GPU for this deployment",
+                        "Free a GPU, lower gpu.count, or declare more GPUs in the stack config.")
+IMAGE_MISSING = ErrorCode(1010, 502, "image not found on the Docker engine",
+                          "Build or load the image (`docker build -t IMAGE .` or `docker load`); nothing is pulled.")
+CONTROLLER_UNAVAILABLE = ErrorCode(1011, 503, "controller unavailable",
+                                   "The gateway lost its controller; restart `autodeploy serve`.")
+SHUTTING_DOWN = ErrorCode(1012, 503, "gateway shutting down", "Retry against the restarted gateway.")
+BAD_REQUEST = ErrorCode(1013, 400, "bad request", "Fix the request as the message says.")
+SPEC_INVALID = ErrorCode(1014, 422, "deployment spec invalid",
+                         "Fix the FILE:LINE errors listed; the last good revision keeps serving.")
+DRIVER_FAILED = ErrorCode(1015, 502, "driver error", "Read the message; check the Docker engine or Pulumi stack.")
+
+ALL: tuple[ErrorCode, ...] = tuple(v for v in list(globals().values()) if isinstance(v, ErrorCode))
+BY_CODE: dict[int, ErrorCode] = {e.code: e for e in ALL}
+
+
+class AutoDeployError(Exception):
+    """An error with a code from the table; `detail` extends the message."""
+
+    def __init__(self, error: ErrorCode, detail: str = "", retry_after: float | None = None) -> None:
+        self.error = error
+        self.detail = detail
+        self.retry_after = retry_after
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        return f"{self.error.msg}: {self.detail}" if self.detail else self.error.msg
+
+    def to_json(self) -> dict:
+        return {"code": self.error.code, "msg": self.message}
+
+    @classmethod
+    def from_json(cls, data: dict, retry_after: float | None = None) -> "AutoDeployError":
+        err = BY_CODE.get(int(data["code"]), DRIVER_FAILED)
+        msg = str(data.get("msg", ""))
+        detail = msg[len(err.msg) + 2:] if msg.startswith(err.msg + ": ") else ("" if msg == err.msg else msg)
+        return cls(err, detail, retry_after)

@@ -1,0 +1,108 @@
+"""Deployment spec as plain data. Built only by `controller.loader` from validated YAML."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    count: int = 0
+    type: str | None = None
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpu: float | None = None
+    memory_gb: float | None = None
+    gpu: GpuSpec = field(default_factory=GpuSpec)
+    storage_gb: float | None = None
+    bandwidth_mbps: float | None = None
+
+
+@dataclass(frozen=True)
+class Autoscaling:
+    enabled: bool = False
+    target_concurrency: float | None = None
+    target_cpu_utilization: float | None = None
+    target_memory_utilization: float | None = None
+    target_gpu_utilization: float | None = None
+    stable_window_s: float = 60.0
+    panic_window_s: float = 6.0
+    panic_threshold: float = 2.0
+    scale_down_delay_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class Scaling:
+    min_replicas: int = 0
+    max_replicas: int = 1
+    idle_timeout_s: float = 300.0
+    autoscaling: Autoscaling = field(default_factory=Autoscaling)
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    path: str
+    interval_s: float = 30.0
+    timeout_s: float = 5.0
+    failure_threshold: int = 3
+
+
+@dataclass(frozen=True)
+class LoadBalancer:
+    algorithm: str = "round-robin"  # round-robin | least-connections | ip-hash
+    sticky_sessions: bool = False
+    health_check: HealthCheck | None = None
+
+
+@dataclass(frozen=True)
+class Rollout:
+    strategy: str = "rolling"  # rolling | blue-green | canary
+    max_surge: str = "25%"
+    max_unavailable: str = "25%"
+    canary_steps: tuple[int, ...] = (10, 50, 100)
+    step_pause_s: float = 30.0
+    keep_old_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class Deployment:
+    name: str
+    model_id: str
+    model_version: str
+    command: str
+    port: int
+    description: str = ""
+    environment: str = "development"
+    image: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    resources: Resources = field(default_factory=Resources)
+    scaling: Scaling = field(default_factory=Scaling)
+    load_balancer: LoadBalancer = field(default_factory=LoadBalancer)
+    rollout: Rollout = field(default_factory=Rollout)
+    state: str = "running"  # running | stopped
+    start_timeout_s: float = 300.0
+    # Where it came from, for errors and revisions.
+    source_file: str = ""
+    source_line: int = 0
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def revision(self) -> str:
+        """Content hash of the document: equal specs give equal revisions."""
+        blob = json.dumps(self.raw, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    @property
+    def template_hash(self) -> str:
+        """Hash of what an instance is made from: a change means new instances."""
+        parts = {
+            "image": self.image, "command": self.command, "port": self.port, "env": self.env,
+            "model": [self.model_id, self.model_version],
+            "resources": [self.resources.cpu, self.resources.memory_gb, self.resources.gpu.count,
+                          self.resources.gpu.type, self.resources.storage_gb],
+        }
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]

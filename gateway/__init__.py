@@ -1,0 +1,1 @@
+"""The Flask gateway served by gunicorn: routing rules, proxy, status API."""
