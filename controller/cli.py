@@ -1,0 +1,162 @@
+"""The `autodeploy` command."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from controller.errors import AutoDeployError
+
+DEFAULT_URL = os.environ.get("AUTODEPLOY_URL", "http://127.0.0.1:8080")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="autodeploy", description="Serve GPU model services on demand.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check Deployment YAML files or directories")
+    p.add_argument("paths", nargs="*", metavar="PATH")
+
+    p = sub.add_parser("serve", help="run the controller and the gateway in the foreground")
+    p.add_argument("--deployments", type=Path, help="directory of Deployment YAML (default: the stack's)")
+    p.add_argument("--state-dir", type=Path, default=Path(".state"), help="SQLite, logs, sockets (default .state)")
+    p.add_argument("--host", help="gateway address (default: the stack's, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="gateway port (default: the stack's, 8080)")
+    p.add_argument("--driver", choices=["local", "docker", "pulumi"], help="default: the stack's")
+    p.add_argument("--stack", default="dev", help="stack config stacks/Pulumi.<stack>.yaml (default dev)")
+    p.add_argument("--project-dir", type=Path, default=Path("."), help="where Pulumi.yaml is (default .)")
+    p.add_argument("--workers", type=int, default=2, help="gunicorn worker processes (default 2)")
+    p.add_argument("--threads", type=int, default=64, help="threads per worker (default 64)")
+    p.add_argument("--queue-limit", type=int, default=256,
+                   help="requests held per deployment while instances start (default 256)")
+    p.add_argument("--queue-timeout", type=float, default=300.0,
+                   help="seconds a held request waits for an instance (default 300)")
+    p.add_argument("--graceful-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get on shutdown (default 30)")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+    p = sub.add_parser("status", help="deployments, their instances and cost")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--url", default=DEFAULT_URL, help=f"gateway URL (default {DEFAULT_URL}, or $AUTODEPLOY_URL)")
+    p.add_argument("--json", action="store_true", help="print the status API's JSON")
+
+    p = sub.add_parser("gpus", help="the GPU inventory and where it came from")
+    p.add_argument("--stack", default="dev")
+    p.add_argument("--project-dir", type=Path, default=Path("."))
+
+    p = sub.add_parser("logs", help="an instance's output")
+    p.add_argument("name")
+    p.add_argument("--instance", help="instance id (default: the newest)")
+    p.add_argument("--follow", "-f", action="store_true")
+    p.add_argument("--lines", "-n", type=int, default=100)
+    p.add_argument("--state-dir", type=Path, default=Path(".state"))
+
+    args = parser.parse_args(argv)
+    try:
+        return int(COMMANDS[args.command](args) or 0)
+    except AutoDeployError as exc:
+        print(f"error {exc.error.code}: {exc.message}", file=sys.stderr)
+        return 1
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from controller.validate import run_validate
+    return run_validate(args.paths, sys.stdout, sys.stderr)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from controller.serve import ServeOptions, Server
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    opts = ServeOptions(project_dir=args.project_dir.resolve(), stack=args.stack,
+                        deployments=args.deployments.resolve() if args.deployments else None,
+                        state_dir=args.state_dir.resolve(), host=args.host, port=args.port, driver=args.driver,
+                        workers=args.workers, threads=args.threads, queue_limit=args.queue_limit,
+                        queue_timeout=args.queue_timeout, graceful_timeout=args.graceful_timeout)
+    return Server(opts).run()
+
+
+def _get(url: str) -> dict:
+    try:
+        resp = requests.get(url, timeout=10)
+    except requests.RequestException as exc:
+        raise SystemExit(f"cannot reach the gateway at {url}: {exc}. Is `autodeploy serve` running? "
+                         "Pass --url or set AUTODEPLOY_URL.") from exc
+    data = resp.json()
+    if resp.status_code != 200:
+        raise SystemExit(f"error {data.get('code')}: {data.get('msg')}")
+    return data
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _ago(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    secs = time.time() - ts
+    return f"{secs:.0f}s ago" if secs < 120 else f"{secs / 60:.0f}m ago"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    base = args.url.rstrip("/")
+    if args.name:
+        dep = _get(f"{base}/api/deployments/{args.name}")
+        if args.json:
+            print(json.dumps(dep, indent=2))
+            return 0
+        print(f"{dep['name']}  {dep['status']}  ({dep['state']})  endpoint {base}{dep['endpoint']}")
+        print(f"  model {dep['model']['id']}@{dep['model']['version']}  revision {dep['revision']['number']}"
+              f"  replicas {dep['replicas']['ready']}/{dep['replicas']['current']} (min {dep['replicas']['min']},"
+              f" max {dep['replicas']['max']})  cost ${dep['cost']['total']:.4f}"
+              f" ({dep['cost']['instance_seconds']:.0f} instance-s at ${dep['cost']['price_per_hour']}/h)")
+        if dep["instances"]:
+            rows = [["INSTANCE", "STATE", "PID", "PORT", "STARTED", "LAST REQUEST", "SERVED", "IN FLIGHT"]]
+            rows += [[i["id"], i["state"], str(i["pid"] or "-"), str(i["port"] or "-"), _ago(i["started"]),
+                      _ago(i["last_request"]), str(i["requests_served"]), str(i["in_flight"])]
+                     for i in dep["instances"]]
+            print(_table(rows))
+        for err in dep.get("spec_errors", []):
+            print(f"  spec error (last good revision keeps serving): {err}")
+        if dep.get("last_error"):
+            print(f"  last error: {dep['last_error']}")
+        return 0
+    data = _get(f"{base}/api/deployments")
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    rows = [["NAME", "STATUS", "STATE", "INSTANCES", "MODEL", "ENDPOINT", "COST"]]
+    rows += [[d["name"], d["status"], d["state"], f"{d['replicas']['ready']}/{d['replicas']['current']}",
+              f"{d['model']['id']}@{d['model']['version']}", f"{base}{d['endpoint']}", f"${d['cost']['total']:.4f}"]
+             for d in data["deployments"]]
+    print(_table(rows))
+    for err in data.get("errors", []):
+        print(f"spec error: {err}")
+    return 0
+
+
+def cmd_gpus(args: argparse.Namespace) -> int:
+    from controller.gpus import discover_inventory, format_inventory
+    from controller.stack import load_stack
+    print(format_inventory(discover_inventory(load_stack(args.project_dir.resolve(), args.stack))))
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from controller.logs import show_logs
+    return show_logs(args.state_dir.resolve(), args.name, args.instance, args.follow, args.lines, sys.stdout)
+
+
+COMMANDS = {"validate": cmd_validate, "serve": cmd_serve, "status": cmd_status, "gpus": cmd_gpus,
+            "logs": cmd_logs}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Local driver: each instance is a shell command in its own process group on this host."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from collections import deque
+from pathlib import Path
+
+import psutil
+
+from controller.drivers.base import Exit, Instance
+from controller.spec import Deployment
+
+_PORT_REF = re.compile(r"\$\{?PORT\b")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def tail_file(path: str | None, lines: int) -> str:
+    if not path or not os.path.exists(path):
+        return ""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 64 * 1024))
+        return "\n".join(deque(f.read().decode(errors="replace").splitlines(), maxlen=lines))
+
+
+class LocalDriver:
+    """Runs `spec.command` through /bin/sh with PORT set to a free port.
+
+    A command that does not mention PORT listens on `spec.port` itself, so only one
+    instance of it can run at a time; the README says so."""
+
+    name = "local"
+
+    def __init__(self, state_dir: Path, workdir: Path) -> None:
+        self.log_dir = state_dir / "logs"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
+        self._procs: dict[str, subprocess.Popen | psutil.Process] = {}
+
+    def start(self, dep: Deployment, instance_id: str, gpu_ids: list[str]) -> Instance:
+        uses_port = bool(_PORT_REF.search(dep.command))
+        port = free_port() if uses_port else dep.port
+        command = dep.command.replace("${PORT}", str(port))
+        env = dict(os.environ)
+        env.update(dep.env)
+        env.update({"PORT": str(port), "AUTODEPLOY_INSTANCE_ID": instance_id,
+                    "AUTODEPLOY_DEPLOYMENT": dep.name, "AUTODEPLOY_REVISION": dep.revision,
+                    "PYTHONUNBUFFERED": "1"})
+        if gpu_ids:
+            # NVML UUIDs are valid CUDA_VISIBLE_DEVICES entries; GPUs declared in the
+            # stack config have no real UUID, so they are named by index.
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(g.removeprefix("declared-") for g in gpu_ids)
+        log_path = self.log_dir / f"{dep.name}-{instance_id}.log"
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(["/bin/sh", "-c", command], cwd=self.workdir, env=env,
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        self._procs[instance_id] = proc
+        return Instance(id=instance_id, deployment=dep.name, revision=dep.revision, host="127.0.0.1",
+                        port=port, started_at=time.time(), pid=proc.pid,
+                        pid_create_time=_create_time(proc.pid), gpu_ids=list(gpu_ids),
+                        log_path=str(log_path))
+
+    def poll(self, inst: Instance) -> Exit | None:
+        proc = self._procs.get(inst.id)
+        if isinstance(proc, subprocess.Popen):
+            code = proc.poll()
+        elif isinstance(proc, psutil.Process):
+            code = _psutil_exit(proc)
+        else:
+            code = -1
+        if code is None:
+            return None
+        return Exit(code=code, log_tail=self.log_tail(inst))
+
+    def stop(self, inst: Instance, timeout: float) -> None:
+        proc = self._procs.pop(inst.id, None)
+        if proc is None or inst.pid is None:
+            return
+        _signal_group(inst.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if _gone(proc) and not _group_alive(inst.pid):
+                return
+            time.sleep(0.02)
+        _signal_group(inst.pid, signal.SIGKILL)
+        if isinstance(proc, subprocess.Popen):
+            proc.wait(timeout=5)
+
+    def adopt(self, inst: Instance) -> bool:
+        if inst.pid is None:
+            return False
+        try:
+            proc = psutil.Process(inst.pid)
+            same = inst.pid_create_time is not None and abs(proc.create_time() - inst.pid_create_time) < 0.01
+            if not same or proc.status() == psutil.STATUS_ZOMBIE:
+                return False
+        except psutil.Error:
+            return False
+        self._procs[inst.id] = proc
+        return True
+
+    def discover(self) -> list[Instance]:
+        return []  # local processes carry no labels; the store is the record
+
+    def log_tail(self, inst: Instance, lines: int = 20) -> str:
+        return tail_file(inst.log_path, lines)
+
+    def log_path(self, inst: Instance) -> str | None:
+        return inst.log_path
+
+    def stats(self, inst: Instance) -> dict[str, float]:
+        """CPU and memory of the instance's process tree (psutil)."""
+        if inst.pid is None:
+            return {}
+        try:
+            root = psutil.Process(inst.pid)
+            procs = [root, *root.children(recursive=True)]
+            cpu = sum(p.cpu_percent(interval=None) for p in procs)
+            rss = sum(p.memory_info().rss for p in procs)
+        except psutil.Error:
+            return {}
+        return {"cpu_pct": cpu, "mem_bytes": float(rss)}
+
+    def close(self) -> None:
+        self._procs.clear()
+
+
+def _create_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def _psutil_exit(proc: psutil.Process) -> int | None:
+    try:
+        if proc.status() != psutil.STATUS_ZOMBIE:
+            return None
+    except psutil.NoSuchProcess:
+        pass
+    return -1  # not our child: the real exit status is not ours to read
+
+
+def _gone(proc: subprocess.Popen | psutil.Process) -> bool:
+    if isinstance(proc, subprocess.Popen):
+        return proc.poll() is not None
+    return _psutil_exit(proc) is not None
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass

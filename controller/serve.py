@@ -1,0 +1,199 @@
+"""`autodeploy serve`: the controller, its IPC socket, the reconcile loop, the spec
+watcher and the gunicorn gateway, in the foreground, shut down cleanly on SIGTERM/SIGINT."""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from controller.core import Controller
+from controller.drivers.base import Driver
+from controller.gpus import discover_inventory
+from controller.ipc import IpcServer
+from controller.loader import load_paths
+from controller.stack import StackConfig, load_stack
+from controller.store import Store
+
+log = logging.getLogger("autodeploy.serve")
+
+TICK_S = 0.1
+WATCH_S = 0.5
+
+
+@dataclass
+class ServeOptions:
+    project_dir: Path
+    stack: str
+    deployments: Path | None
+    state_dir: Path
+    host: str | None
+    port: int | None
+    driver: str | None
+    workers: int = 2
+    threads: int = 64
+    queue_limit: int = 256
+    queue_timeout: float = 300.0
+    graceful_timeout: float = 30.0
+    stop_timeout: float = 10.0
+
+
+def make_driver(name: str, opts: ServeOptions, stack: StackConfig) -> Driver:
+    if name == "local":
+        from controller.drivers.local import LocalDriver
+        return LocalDriver(opts.state_dir, opts.project_dir)
+    if name == "docker":
+        from controller.drivers.docker import DockerDriver
+        return DockerDriver(base_url=stack.docker_host)
+    if name == "pulumi":
+        from controller.drivers.pulumi import PulumiDriver
+        return PulumiDriver(project_dir=opts.project_dir, stack_name=stack.name)
+    raise SystemExit(f"unknown driver {name!r}: use local, docker or pulumi")
+
+
+def _spec_signature(directory: Path) -> tuple:
+    try:
+        entries = sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml"))
+    except FileNotFoundError:
+        return ()
+    sig = []
+    for p in entries:
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            continue
+        sig.append((p.name, st.st_mtime_ns, st.st_size))
+    return tuple(sig)
+
+
+def _socket_path(state_dir: Path) -> str:
+    path = str(state_dir / "controller.sock")
+    if len(path) < 100:  # AF_UNIX paths are limited to 108 bytes
+        return path
+    return os.path.join(tempfile.mkdtemp(prefix="autodeploy-"), "controller.sock")
+
+
+def _die_with_parent() -> None:
+    """Runs in the gunicorn child before exec: if serve is killed, the gateway goes too."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class Server:
+    def __init__(self, opts: ServeOptions) -> None:
+        self.opts = opts
+        self.stack = load_stack(opts.project_dir, opts.stack)
+        self.deployments_dir = opts.deployments or (opts.project_dir / self.stack.deployments_dir)
+        self.host = opts.host or self.stack.gateway_host
+        self.port = opts.port or self.stack.gateway_port
+        opts.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(opts.state_dir / "autodeploy.db")
+        self.inventory = discover_inventory(self.stack)
+        self.driver_name = opts.driver or self.stack.driver
+        self.driver = make_driver(self.driver_name, opts, self.stack)
+        self.controller = Controller(self.driver, self.store, inventory=self.inventory, prices=self.stack.prices,
+                                     queue_limit=opts.queue_limit, stop_timeout=opts.stop_timeout)
+        self.ipc_path = _socket_path(opts.state_dir)
+        self.counters_path = str(opts.state_dir / "counters.bin")
+        self.stop = threading.Event()
+        self.gunicorn: subprocess.Popen | None = None
+
+    def load(self) -> None:
+        result = load_paths([self.deployments_dir], require_image=self.driver_name != "local")
+        self.controller.apply(result)
+
+    def run(self) -> int:
+        log.info("stack %s, driver %s, GPU inventory from %s, deployments in %s", self.stack.name,
+                 self.driver_name, self.inventory.source, self.deployments_dir)
+        self.load()
+        self.controller.adopt_stored()
+        ipc = IpcServer(self.ipc_path, self.controller)
+        ipc.start()
+        threads = [threading.Thread(target=self._loop, name="reconcile", daemon=True),
+                   threading.Thread(target=self._watch, name="watch", daemon=True)]
+        for t in threads:
+            t.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop.set())
+        try:
+            self.gunicorn = self._spawn_gateway()
+            if self._wait_ready():
+                print(f"autodeploy ready: http://{self.host}:{self.port}/api/deployments "
+                      f"(endpoints at /d/<name>/)", flush=True)
+            while not self.stop.is_set():
+                if self.gunicorn.poll() is not None:
+                    log.error("gateway exited with code %s", self.gunicorn.returncode)
+                    break
+                self.stop.wait(0.2)
+        finally:
+            self._shutdown(ipc)
+        return 0 if self.stop.is_set() else 1
+
+    def _spawn_gateway(self) -> subprocess.Popen:
+        o = self.opts
+        cmd = [sys.executable, "-m", "gunicorn", "gateway.wsgi:app", "--bind", f"{self.host}:{self.port}",
+               "--workers", str(o.workers), "--worker-class", "gthread", "--threads", str(o.threads),
+               "--graceful-timeout", str(max(1, int(o.graceful_timeout))), "--keep-alive", "75",
+               "--log-level", "warning", "--error-logfile", "-"]
+        env = dict(os.environ, AUTODEPLOY_IPC=self.ipc_path, AUTODEPLOY_COUNTERS=self.counters_path,
+                   AUTODEPLOY_QUEUE_TIMEOUT=str(o.queue_timeout))
+        return subprocess.Popen(cmd, env=env, cwd=str(o.project_dir), preexec_fn=_die_with_parent)
+
+    def _wait_ready(self, timeout: float = 30.0) -> bool:
+        url = f"http://{self.host}:{self.port}/api/deployments"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.stop.is_set():
+            if self.gunicorn is not None and self.gunicorn.poll() is not None:
+                return False
+            try:
+                if requests.get(url, timeout=1).status_code == 200:
+                    return True
+            except requests.RequestException:
+                pass
+            time.sleep(0.05)
+        return False
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.controller.tick()
+            except Exception:  # noqa: BLE001 - the loop must survive one bad pass; it is logged
+                log.exception("reconcile pass failed")
+            self.stop.wait(TICK_S)
+
+    def _watch(self) -> None:
+        last = _spec_signature(self.deployments_dir)
+        while not self.stop.wait(WATCH_S):
+            sig = _spec_signature(self.deployments_dir)
+            if sig != last:
+                last = sig
+                log.info("deployments changed in %s: reloading", self.deployments_dir)
+                try:
+                    self.load()
+                except Exception:  # noqa: BLE001 - a reload failure must not stop serving
+                    log.exception("reload failed; the last good revisions keep serving")
+
+    def _shutdown(self, ipc: IpcServer) -> None:
+        log.info("shutting down: draining the gateway, then stopping instances")
+        self.stop.set()
+        if self.gunicorn is not None and self.gunicorn.poll() is None:
+            self.gunicorn.send_signal(signal.SIGTERM)
+            try:
+                self.gunicorn.wait(timeout=self.opts.graceful_timeout + 5)
+            except subprocess.TimeoutExpired:
+                self.gunicorn.kill()
+                self.gunicorn.wait()
+        self.controller.shutdown()
+        ipc.close()
+        self.driver.close()
+        self.store.close()
+        log.info("stopped")

@@ -1,0 +1,179 @@
+"""SQLite (WAL) state: instances, events, the cost ledger and applied revisions.
+
+Only the controller writes; the CLI and tests may read. One connection guarded by a
+lock is plenty for the controller's write rate (a few rows per instance lifetime).
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from controller.drivers.base import Instance
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+  id TEXT PRIMARY KEY, deployment TEXT NOT NULL, revision TEXT NOT NULL, driver TEXT NOT NULL,
+  host TEXT NOT NULL, port INTEGER NOT NULL, pid INTEGER, pid_create_time REAL,
+  container_id TEXT, gpu_ids TEXT NOT NULL DEFAULT '[]', log_path TEXT,
+  started_at REAL NOT NULL, ready_at REAL, phase TEXT NOT NULL, price_per_hour REAL NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS events (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, deployment TEXT NOT NULL,
+  instance TEXT, kind TEXT NOT NULL, message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_deployment ON events(deployment, id);
+CREATE TABLE IF NOT EXISTS ledger (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, deployment TEXT NOT NULL, instance TEXT NOT NULL,
+  started_at REAL NOT NULL, stopped_at REAL NOT NULL, seconds REAL NOT NULL,
+  price_per_hour REAL NOT NULL, cost REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS revisions (
+  deployment TEXT NOT NULL, number INTEGER NOT NULL, revision TEXT NOT NULL, applied_at REAL NOT NULL,
+  source_file TEXT NOT NULL, content TEXT NOT NULL, PRIMARY KEY (deployment, number)
+);
+"""
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    at: float
+    deployment: str
+    instance: str | None
+    kind: str
+    message: str
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    instance: Instance
+    driver: str
+    phase: str
+    ready_at: float | None
+    price_per_hour: float
+
+
+@dataclass(frozen=True)
+class RevisionRow:
+    deployment: str
+    number: int
+    revision: str
+    applied_at: float
+    source_file: str
+    content: dict
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _exec(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
+        with self._lock:
+            return self._db.execute(sql, args)
+
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # instances -------------------------------------------------------------
+    def put_instance(self, inst: Instance, driver: str, phase: str, price_per_hour: float,
+                     ready_at: float | None = None) -> None:
+        self._exec(
+            "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (inst.id, inst.deployment, inst.revision, driver, inst.host, inst.port, inst.pid,
+             inst.pid_create_time, inst.container_id, json.dumps(inst.gpu_ids), inst.log_path,
+             inst.started_at, ready_at, phase, price_per_hour))
+
+    def set_phase(self, instance_id: str, phase: str, ready_at: float | None = None) -> None:
+        if ready_at is None:
+            self._exec("UPDATE instances SET phase=? WHERE id=?", (phase, instance_id))
+        else:
+            self._exec("UPDATE instances SET phase=?, ready_at=? WHERE id=?", (phase, ready_at, instance_id))
+
+    def remove_instance(self, instance_id: str, stopped_at: float) -> None:
+        """Drop the row and book its running time in the ledger, in one transaction."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT deployment, started_at, price_per_hour FROM instances WHERE id=?",
+                (instance_id,)).fetchone()
+            if row is None:
+                return
+            deployment, started_at, price = row
+            seconds = max(0.0, stopped_at - started_at)
+            self._db.execute("BEGIN")
+            self._db.execute("INSERT INTO ledger (deployment, instance, started_at, stopped_at, seconds,"
+                             " price_per_hour, cost) VALUES (?,?,?,?,?,?,?)",
+                             (deployment, instance_id, started_at, stopped_at, seconds, price,
+                              seconds * price / 3600.0))
+            self._db.execute("DELETE FROM instances WHERE id=?", (instance_id,))
+            self._db.execute("COMMIT")
+
+    def instances(self, driver: str | None = None) -> list[StoredInstance]:
+        sql = "SELECT * FROM instances" + (" WHERE driver=?" if driver else "") + " ORDER BY started_at"
+        rows = self._query(sql, (driver,) if driver else ())
+        return [StoredInstance(
+            instance=Instance(id=r[0], deployment=r[1], revision=r[2], host=r[4], port=r[5], pid=r[6],
+                              pid_create_time=r[7], container_id=r[8], gpu_ids=json.loads(r[9]),
+                              log_path=r[10], started_at=r[11]),
+            driver=r[3], ready_at=r[12], phase=r[13], price_per_hour=r[14]) for r in rows]
+
+    # events ----------------------------------------------------------------
+    def event(self, deployment: str, kind: str, message: str, instance: str | None = None,
+              at: float | None = None) -> None:
+        self._exec("INSERT INTO events (at, deployment, instance, kind, message) VALUES (?,?,?,?,?)",
+                   (time.time() if at is None else at, deployment, instance, kind, message))
+
+    def events(self, deployment: str | None = None, limit: int = 50) -> list[Event]:
+        if deployment:
+            rows = self._query("SELECT * FROM events WHERE deployment=? ORDER BY id DESC LIMIT ?",
+                               (deployment, limit))
+        else:
+            rows = self._query("SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,))
+        return [Event(*r) for r in reversed(rows)]
+
+    # cost ------------------------------------------------------------------
+    def booked_cost(self) -> dict[str, tuple[float, float]]:
+        """deployment -> (instance-seconds, cost) of instances that have stopped."""
+        rows = self._query("SELECT deployment, SUM(seconds), SUM(cost) FROM ledger GROUP BY deployment")
+        return {r[0]: (r[1] or 0.0, r[2] or 0.0) for r in rows}
+
+    # revisions ---------------------------------------------------------------
+    def record_revision(self, deployment: str, revision: str, source_file: str, content: dict,
+                        at: float | None = None) -> int:
+        """Store a newly applied revision; returns its number (unchanged content: the last number)."""
+        with self._lock:
+            last = self._db.execute(
+                "SELECT number, revision FROM revisions WHERE deployment=? ORDER BY number DESC LIMIT 1",
+                (deployment,)).fetchone()
+            if last and last[1] == revision:
+                return int(last[0])
+            number = (last[0] + 1) if last else 1
+            self._db.execute("INSERT INTO revisions VALUES (?,?,?,?,?,?)",
+                             (deployment, number, revision, time.time() if at is None else at,
+                              source_file, json.dumps(content, default=str)))
+            return number
+
+    def revisions(self, deployment: str) -> list[RevisionRow]:
+        rows = self._query("SELECT * FROM revisions WHERE deployment=? ORDER BY number", (deployment,))
+        return [RevisionRow(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in rows]
+
+    def forget(self, deployment: str) -> None:
+        """Delete a deployment's stored state (after `autodeploy delete`)."""
+        with self._lock:
+            for table in ("events", "revisions", "ledger", "instances"):
+                self._db.execute(f"DELETE FROM {table} WHERE deployment=?", (deployment,))
