@@ -42,6 +42,7 @@ class _Handler(socketserver.StreamRequestHandler):
 class IpcServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 1024  # a cold-start burst opens one connection per gateway thread at once
 
     def __init__(self, path: str, controller: Any) -> None:
         if os.path.exists(path):

@@ -79,6 +79,10 @@ class Deployment:
     environment: str = "development"
     image: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    # env name -> Pulumi config key; kept apart from `env` so secret values never
+    # land in the spec, the store or a revision hash.
+    secret_env: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
     resources: Resources = field(default_factory=Resources)
     scaling: Scaling = field(default_factory=Scaling)
     load_balancer: LoadBalancer = field(default_factory=LoadBalancer)
@@ -101,6 +105,7 @@ class Deployment:
         """Hash of what an instance is made from: a change means new instances."""
         parts = {
             "image": self.image, "command": self.command, "port": self.port, "env": self.env,
+            "secret_env": self.secret_env,
             "model": [self.model_id, self.model_version],
             "resources": [self.resources.cpu, self.resources.memory_gb, self.resources.gpu.count,
                           self.resources.gpu.type, self.resources.storage_gb],

@@ -1,0 +1,727 @@
+"""The one loader: Deployment YAML -> `controller.spec.Deployment`, or FILE:LINE errors.
+
+Every error in every file is reported in one pass, each with the line of the key or
+value to change, because users fix a batch of mistakes far faster than a drip of them.
+The JSON Schema (schemas/deployment.schema.json) is the public contract; the semantic
+checks here cover what a schema cannot say (cross-field rules, unique names).
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import yaml
+from jsonschema import Draft202012Validator, ValidationError
+from yaml.constructor import SafeConstructor
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from controller.spec import (Autoscaling, Deployment, GpuSpec, HealthCheck, LoadBalancer,
+                             Resources, Rollout, Scaling)
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "deployment.schema.json"
+API_VERSION = "autodeploy/v1"
+KIND = "Deployment"
+YAML_SUFFIXES = (".yaml", ".yml")
+
+# A JSON-pointer-like path into a document: mapping keys and list indexes.
+Pointer = tuple[Any, ...]
+_MISSING = object()
+_SPEC: Pointer = ("spec",)
+
+
+@dataclass(frozen=True)
+class SpecError:
+    file: str
+    line: int  # 1-based; 0 means the file as a whole (unreadable, missing)
+    message: str
+
+    def __str__(self) -> str:
+        if self.line:
+            return f"{self.file}:{self.line}: {self.message}"
+        return f"{self.file}: {self.message}"
+
+
+@dataclass
+class LoadResult:
+    deployments: list[Deployment]
+    errors: list[SpecError]
+    files: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+# --- durations -------------------------------------------------------------------------
+
+_DURATION_RE = re.compile(r"(?:[0-9]+(?:\.[0-9]+)?(?:ms|h|m|s))+")
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|h|m|s)")
+_PLAIN_NUMBER = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+DURATION_HINT = "write e.g. 500ms, 30s, 10m, 1h or 1h30m (a plain number means seconds)"
+
+
+def parse_duration(text: str | int | float) -> float:
+    """Seconds in `500ms`, `30s`, `10m`, `1h`, `1h30m`, or a plain number of seconds.
+
+    Accepts exactly what the schema's `$defs/duration` pattern accepts, so a document
+    that passed the schema always converts.
+    """
+    if isinstance(text, bool):
+        raise ValueError(f"{text!r} is not a duration; {DURATION_HINT}")
+    if isinstance(text, (int, float)):
+        if text < 0 or not math.isfinite(text):
+            raise ValueError(f"{text!r} is not a duration: it must be 0 or more seconds")
+        return float(text)
+    if _PLAIN_NUMBER.fullmatch(text):
+        return float(text)
+    if not _DURATION_RE.fullmatch(text):
+        raise ValueError(f"'{text}' is not a duration; {DURATION_HINT}")
+    return sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_PART.findall(text))
+
+
+# --- schema ----------------------------------------------------------------------------
+
+@functools.cache
+def load_schema() -> dict[str, Any]:
+    return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+
+
+@functools.cache
+def _validator() -> Draft202012Validator:
+    return Draft202012Validator(load_schema())
+
+
+def _resolve(node: dict[str, Any]) -> dict[str, Any]:
+    ref = node.get("$ref")
+    if ref and ref.startswith("#/$defs/"):
+        return {**load_schema()["$defs"][ref.split("/")[-1]], **node}
+    return node
+
+
+@functools.cache
+def _key_homes() -> dict[str, tuple[str, ...]]:
+    """Every key the schema allows, with the dotted places where it is allowed.
+
+    Used to say "maxReplicas belongs under spec.scaling" when a key is in the wrong place.
+    """
+    homes: dict[str, list[str]] = {}
+
+    def walk(node: dict[str, Any], where: str) -> None:
+        for key, sub in _resolve(node).get("properties", {}).items():
+            homes.setdefault(key, []).append(where or "the top level")
+            walk(sub, f"{where}.{key}" if where else key)
+
+    walk(load_schema(), "")
+    return {k: tuple(v) for k, v in homes.items()}
+
+
+# --- YAML documents with their line numbers ----------------------------------------------
+
+@dataclass
+class _Doc:
+    data: Any
+    line: int  # where the document's content starts
+    lines: dict[Pointer, int]  # pointer -> line of its key (or list item)
+    texts: dict[Pointer, str]  # pointer -> scalar as written, to quote it back in messages
+    errors: list[SpecError]  # found while reading, e.g. duplicate keys
+
+    def line_of(self, pointer: Pointer) -> int:
+        """Line of the pointer, or of its nearest written ancestor (defaults are unwritten)."""
+        while pointer not in self.lines and pointer:
+            pointer = pointer[:-1]
+        return self.lines.get(pointer, self.line)
+
+    def get(self, pointer: Pointer, default: Any = _MISSING) -> Any:
+        node = self.data
+        for part in pointer:
+            if not isinstance(node, dict) or part not in node:
+                return default
+            node = node[part]
+        return node
+
+
+def _key_value(node: Node) -> Any:
+    if isinstance(node, ScalarNode):
+        return SafeConstructor().construct_object(node, deep=True)
+    return None
+
+
+def _index(node: Node, pointer: Pointer, line: int, doc: _Doc, depth: int = 0) -> None:
+    if pointer in doc.lines or depth > 64:  # aliases can share or nest nodes
+        return
+    doc.lines[pointer] = line
+    if isinstance(node, ScalarNode):
+        doc.texts[pointer] = node.value
+    elif isinstance(node, MappingNode):
+        # Reversed so that, as in the constructed dict, a later key (an override of a
+        # `<<:` merge) is the one whose line we report.
+        for key_node, value_node in reversed(node.value):
+            key = _key_value(key_node)
+            try:
+                child = pointer + (key,)
+                hash(child)
+            except TypeError:
+                continue
+            _index(value_node, child, key_node.start_mark.line + 1, doc, depth + 1)
+    elif isinstance(node, SequenceNode):
+        for i, item in enumerate(node.value):
+            _index(item, pointer + (i,), item.start_mark.line + 1, doc, depth + 1)
+
+
+def _duplicate_keys(root: Node, filename: str) -> list[SpecError]:
+    """PyYAML keeps the last of two equal keys without a word; users mean one of them."""
+    errors: list[SpecError] = []
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, MappingNode):
+            first: dict[str, int] = {}
+            for key_node, value_node in node.value:
+                stack.append(value_node)
+                if not isinstance(key_node, ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                line = key_node.start_mark.line + 1
+                if key_node.value in first:
+                    errors.append(SpecError(filename, line, (
+                        f"key '{key_node.value}' appears twice in the same mapping (first on line "
+                        f"{first[key_node.value]}); keep one of them")))
+                else:
+                    first[key_node.value] = line
+        elif isinstance(node, SequenceNode):
+            stack.extend(node.value)
+    return errors
+
+
+def _yaml_error(filename: str, exc: yaml.YAMLError) -> SpecError:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    line = mark.line + 1 if mark is not None else 0
+    problem = getattr(exc, "problem", None) or str(exc)
+    if "'\\t'" in problem:
+        problem = "a tab is used for indentation; YAML needs spaces"
+    elif problem == "mapping values are not allowed here":
+        problem = ("unexpected ':' here; put quotes around a value that contains ': ', "
+                   "or fix the indentation")
+    context = getattr(exc, "context", None)
+    detail = f"{problem} ({context})" if context else problem
+    return SpecError(filename, line, f"YAML syntax error: {detail}")
+
+
+def _read_documents(text: str, filename: str) -> tuple[list[_Doc], list[SpecError]]:
+    docs: list[_Doc] = []
+    errors: list[SpecError] = []
+    loader = yaml.SafeLoader(text)
+    try:
+        while True:
+            try:
+                if not loader.check_node():
+                    break
+                node = loader.get_node()
+            except yaml.YAMLError as exc:
+                # The parser cannot resynchronise after a syntax error: stop this file.
+                errors.append(_yaml_error(filename, exc))
+                break
+            duplicates = _duplicate_keys(node, filename)
+            try:
+                data = SafeConstructor().construct_document(node)
+            except yaml.YAMLError as exc:
+                errors += duplicates + [_yaml_error(filename, exc)]
+                continue
+            if data is None:  # empty document, e.g. a trailing '---'
+                continue
+            doc = _Doc(data, node.start_mark.line + 1, {}, {}, duplicates)
+            _index(node, (), doc.line, doc)
+            docs.append(doc)
+    finally:
+        loader.dispose()
+    return docs, errors
+
+
+# --- schema errors in plain words ----------------------------------------------------------
+
+def _where(pointer: Pointer) -> str:
+    out = ""
+    for part in pointer:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "the document"
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float)):
+        return f"the number {value}"
+    if isinstance(value, str):
+        return f"'{value}'"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"'{value}'"
+
+
+_TYPE_WORDS = {
+    "string": "text", "integer": "a whole number", "number": "a number", "boolean": "true or false",
+    "object": "a mapping (indented key: value lines)", "array": "a list", "null": "empty",
+}
+
+_REQUIRED_HINTS = {
+    ("apiVersion",): f"add `apiVersion: {API_VERSION}` at the top of the document",
+    ("kind",): f"add `kind: {KIND}`",
+    ("metadata",): "add `metadata:` with at least `name:`",
+    ("spec",): "add `spec:` with at least model, command and port",
+    ("metadata", "name"): "add `name:` (lowercase letters, digits and '-', e.g. my-model)",
+    ("spec", "model"): "add `model: {id: ..., version: ...}`",
+    ("spec", "model", "id"): "add `id:` with the ID of the model to deploy",
+    ("spec", "model", "version"): "add `version:` with the version of the model to deploy",
+    ("spec", "command"): "add `command:` with the start command, e.g. `python api.py`",
+    ("spec", "port"): "add `port:` with the port the service listens on, e.g. 8080",
+    ("spec", "loadBalancer", "healthCheck", "path"): "add `path:`, e.g. /health",
+}
+
+
+def _closest(word: str, choices: Iterable[str]) -> str | None:
+    choices = [c for c in choices if isinstance(c, str)]
+    if not isinstance(word, str):
+        return None
+    # snake_case, kebab-case and case slips are the commonest misspellings of our keys.
+    folded = re.sub(r"[-_ ]", "", word).lower()
+    for choice in choices:
+        if re.sub(r"[-_ ]", "", choice).lower() == folded:
+            return choice
+    match = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def _name_suggestion(name: str) -> str:
+    slug = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:63].strip("-")
+    return slug or "my-model"
+
+
+class _Translator:
+    """Turns jsonschema errors into messages that say what to change."""
+
+    def __init__(self, doc: _Doc, filename: str) -> None:
+        self.doc = doc
+        self.filename = filename
+        self.done_required: set[Pointer] = set()
+
+    def error(self, pointer: Pointer, message: str) -> SpecError:
+        return SpecError(self.filename, self.doc.line_of(pointer), message)
+
+    def translate(self, err: ValidationError) -> list[SpecError]:
+        pointer = tuple(err.absolute_path)
+        kw = err.validator
+        if "propertyNames" in err.absolute_schema_path:
+            return [self._property_name(pointer, err.instance)]
+        handlers = {
+            "required": self._required, "additionalProperties": self._additionalProperties,
+            "const": self._const, "enum": self._enum, "type": self._type, "minimum": self._minimum,
+            "maximum": self._maximum, "exclusiveMinimum": self._exclusiveMinimum,
+            "minLength": self._minLength, "maxLength": self._maxLength, "minItems": self._minItems,
+            "pattern": self._pattern, "anyOf": self._anyOf,
+        }
+        handler = handlers.get(kw)
+        if handler is not None:
+            return handler(pointer, err)
+        # A keyword we have no words for yet: jsonschema's own message beats none.
+        return [self.error(pointer, f"{_where(pointer)}: {err.message}")]
+
+    def _required(self, pointer: Pointer, err: ValidationError) -> list[SpecError]:
+        if pointer in self.done_required:  # jsonschema yields one error per missing key
+            return []
+        self.done_required.add(pointer)
+        out = []
+        for key in err.validator_value:
+            if key in err.instance:
+                continue
+            hint = _REQUIRED_HINTS.get(pointer + (key,), f"add `{key}:`")
+            out.append(self.error(pointer, f"{_where(pointer)} is missing the required key '{key}'; {hint}"))
+        return out
+
+    def _additionalProperties(self, pointer: Pointer, err: ValidationError) -> list[SpecError]:
+        allowed = list(err.schema.get("properties", {}))
+        out = []
+        for key in err.instance:
+            if key in allowed:
+                continue
+            msg = f"unknown key '{key}' in {_where(pointer)}"
+            guess = _closest(key, allowed)
+            homes = _key_homes().get(key, ())
+            if guess:
+                msg += f"; did you mean '{guess}'?"
+            elif homes:
+                msg += f"; '{key}' belongs under {' or '.join(homes)}"
+            else:
+                msg += f"; allowed keys here: {', '.join(allowed)}"
+            out.append(self.error(pointer + (key,), msg))
+        return out
+
+    def _const(self, pointer: Pointer, err: ValidationError) -> list[SpecError]:
+        want, got = err.validator_value, err.instance
+        msg = f"{_where(pointer)} must be {want}, not {_describe(got)}"
+        if pointer == ("apiVersion",):
+            msg += f"; this controller reads {API_VERSION} documents only"
+        return [self.error(pointer, msg)]
+
+    def _enum(self, pointer: Pointer, err: ValidationError) -> list[SpecError]:
+        choices = err.validator_value
+        msg = f"{_where(pointer)} must be one of {', '.join(map(str, choices))}; found {_describe(err.instance)}"
+        guess = _closest(err.instance, choices) if isinstance(err.instance, str) else None
+        if guess:
+            msg += f"; did you mean '{guess}'?"
+        return [self.error(pointer, msg)]
+
+    def _type(self, pointer: Pointer, err: ValidationError) -> list[SpecError]:
+        want = err.validator_value if isinstance(err.validator_value, list) else [err.validator_value]
+        want = [w for w in want if w != "null"] or want
+        words = " or ".join(_TYPE_WORDS.get(w, w) for w in want)
+        got = err.instance
+        where = _where(pointer)
+        if not pointer:
+            return [self.error(pointer, (
+                "a Deployment document must be a mapping with apiVersion, kind, metadata and spec; "
+                f"found {_describe(got)}"))]
+        if got is None:
+            msg = f"{where} has no value; write {words} after the ':', or remove the line"
+        elif "string" in want and not isinstance(got, (dict, list)):
+            written = self.doc.texts.get(pointer, str(got))
+            msg = f"{where} must be text; put it in quotes: \"{written}\""
+        else:
+            msg = f"{where} must be {words}, not {_describe(got)}"
+        return [self.error(pointer, msg)]
+
+    def _bound(self, pointer: Pointer, err: ValidationError, relation: str) -> list[SpecError]:
+        msg = f"{_where(pointer)} must be {relation} {err.validator_value}; found {err.instance}"
+        if pointer[-1:] == ("maxReplicas",):
+            msg += "; to run nothing, set spec.state: stopped"
+        return [self.error(pointer, msg)]
+
+    def _minimum(self, pointer: Pointer, err: ValidationError) -> list[SpecError]:
+        return self._bound(pointer, err, "at least")
+
+    def _maximum(self, pointer: Pointer, err: ValidationError) -> list[SpecError]:
+        return self._bound(pointer, err, "at most")
+
+    def _exclusiveMinimum(self, pointer: Pointer, err: ValidationError) -> list[SpecError]:
+        return self._bound(pointer, err, "more than")
+
+    def _minLength(self, pointer: Pointer, err: ValidationError) -> list[SpecError]:
+        return [self.error(pointer, f"{_where(pointer)} is empty; give it a value or remove the line")]
+
+    def _maxLength(self, pointer: Pointer, err: ValidationError) -> list[SpecError]:
+        return [self.error(pointer, (
+            f"{_where(pointer)} is {len(err.instance)} characters long; at most "
+            f"{err.validator_value} are allowed"))]
+
+    def _minItems(self, pointer: Pointer, err: ValidationError) -> list[SpecError]:
+        return [self.error(pointer, f"{_where(pointer)} is an empty list; give at least one value or remove it")]
+
+    def _pattern(self, pointer: Pointer, err: ValidationError) -> list[SpecError]:
+        value, where = err.instance, _where(pointer)
+        defs = load_schema()["$defs"]
+        if err.validator_value == defs["duration"]["pattern"]:
+            msg = f"{where}: '{value}' is not a duration; {DURATION_HINT}"
+        elif err.validator_value == defs["countOrPercent"]["pattern"]:
+            msg = f"{where} must be a whole number of instances (1) or a percentage from 0% to 100% (\"25%\"); found '{value}'"
+        elif pointer == ("metadata", "name"):
+            msg = (f"metadata.name '{value}' is not a DNS label: use lowercase letters, digits and '-', "
+                   f"starting and ending with a letter or digit, e.g. '{_name_suggestion(value)}'")
+        elif pointer == ("spec", "command"):
+            msg = "spec.command is blank; write the start command, e.g. `python api.py`"
+        elif pointer[-1:] == ("path",):
+            msg = f"{where} must start with '/', e.g. /health; found '{value}'"
+        else:
+            msg = f"{where}: '{value}' does not match the pattern {err.validator_value}"
+        return [self.error(pointer, msg)]
+
+    def _property_name(self, pointer: Pointer, key: Any) -> SpecError:
+        if pointer[-1:] == ("env",):
+            msg = (f"env name '{key}' is not a valid environment variable name; use letters, digits "
+                   "and '_', not starting with a digit (e.g. API_KEY)")
+        else:
+            msg = (f"{_where(pointer)} key '{key}' is not valid; use letters, digits, '-', '_', '.' "
+                   "and '/', starting and ending with a letter or digit")
+        return self.error(pointer + (key,), msg)
+
+    def _anyOf(self, pointer: Pointer, err: ValidationError) -> list[SpecError]:
+        if len(pointer) == 3 and pointer[:2] == ("spec", "env"):
+            name = pointer[-1]
+            value = err.instance
+            if isinstance(value, dict):
+                extra = ", ".join(str(k) for k in value if k != "secret")
+                msg = (f"env {name}: a secret is written {{secret: CONFIG_KEY}} with a non-empty key"
+                       + (f"; remove {extra}" if extra else ""))
+            else:
+                written = self.doc.texts.get(pointer, str(value))
+                msg = (f"env {name} must be text or {{secret: CONFIG_KEY}}; put the value in quotes: "
+                       f"\"{written}\"")
+            return [self.error(pointer, msg)]
+        return [self.error(pointer, f"{_where(pointer)}: {err.message}")]
+
+
+# --- semantic checks ---------------------------------------------------------------------
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def _duration(value: Any, default: str) -> float | None:
+    try:
+        return parse_duration(default if value is _MISSING else value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _semantic_errors(doc: _Doc, filename: str, require_image: bool) -> list[SpecError]:
+    out: list[SpecError] = []
+    if not isinstance(doc.data, dict) or not isinstance(doc.data.get("spec"), dict):
+        return out
+
+    def add(pointer: Pointer, message: str) -> None:
+        out.append(SpecError(filename, doc.line_of(pointer), message))
+
+    def written(*pointers: Pointer) -> Pointer:
+        """The first pointer the user actually wrote, so the line points at their text."""
+        for p in pointers:
+            if p in doc.lines:
+                return p
+        return pointers[0]
+
+    scaling = _SPEC + ("scaling",)
+    lo, hi = doc.get(scaling + ("minReplicas",), 0), doc.get(scaling + ("maxReplicas",), 1)
+    if _num(lo) is not None and _num(hi) is not None and lo > hi:
+        default = "" if scaling + ("maxReplicas",) in doc.lines else ", the default"
+        add(written(scaling + ("minReplicas",)),
+            f"spec.scaling.minReplicas ({lo}) is more than maxReplicas ({hi}{default}); "
+            "raise maxReplicas or lower minReplicas")
+
+    gpu = _SPEC + ("resources", "gpu")
+    gpu_type, gpu_count = doc.get(gpu + ("type",), None), doc.get(gpu + ("count",), 0)
+    if isinstance(gpu_type, str) and gpu_type and gpu_count == 0:
+        add(gpu + ("type",), f"spec.resources.gpu.type is {gpu_type} but gpu.count is 0; set gpu.count "
+            "to 1 or more, or remove gpu.type")
+
+    hc = _SPEC + ("loadBalancer", "healthCheck")
+    if isinstance(doc.get(hc, None), dict):
+        interval = _num(doc.get(hc + ("intervalSeconds",), 30))
+        timeout = _num(doc.get(hc + ("timeoutSeconds",), 5))
+        if interval is not None and timeout is not None and timeout >= interval:
+            add(written(hc + ("timeoutSeconds",), hc + ("intervalSeconds",)),
+                f"spec.loadBalancer.healthCheck.timeoutSeconds ({timeout:g}) must be less than intervalSeconds "
+                f"({interval:g}); lower the timeout or check less often")
+
+    steps = doc.get(_SPEC + ("rollout", "steps"), None)
+    # Only judge the order of well-formed steps; the schema already reports the others.
+    if isinstance(steps, list) and steps and all(_num(s) is not None and 1 <= s <= 100 for s in steps):
+        for i in range(1, len(steps)):
+            if steps[i] <= steps[i - 1]:
+                add(_SPEC + ("rollout", "steps", i),
+                    f"spec.rollout.steps must increase strictly: {steps[i]} comes after {steps[i - 1]}")
+        if steps[-1] != 100:
+            add(_SPEC + ("rollout", "steps", len(steps) - 1),
+                f"spec.rollout.steps must end at 100 (all traffic on the new revision); it ends at {steps[-1]}")
+
+    auto = scaling + ("autoscaling",)
+    targets = ("targetConcurrency", "targetCpuUtilization", "targetMemoryUtilization", "targetGpuUtilization")
+    if doc.get(auto + ("enabled",), False) is True and all(
+            doc.get(auto + (t,), None) is None for t in targets):
+        add(auto + ("enabled",), "spec.scaling.autoscaling is enabled but has no target; set at least one of "
+            + ", ".join(targets))
+    panic = _duration(doc.get(auto + ("panicWindow",)), "6s")
+    stable = _duration(doc.get(auto + ("stableWindow",)), "60s")
+    if panic is not None and stable is not None and panic >= stable:
+        add(written(auto + ("panicWindow",), auto + ("stableWindow",)),
+            f"spec.scaling.autoscaling.panicWindow ({panic:g}s) must be shorter than stableWindow ({stable:g}s)")
+
+    if _duration(doc.get(scaling + ("startTimeout",)), "300s") == 0:
+        add(scaling + ("startTimeout",), "spec.scaling.startTimeout is 0; give instances time to start, e.g. 300s")
+
+    rollout = _SPEC + ("rollout",)
+    surge, unavailable = doc.get(rollout + ("maxSurge",), "25%"), doc.get(rollout + ("maxUnavailable",), "25%")
+    if surge in (0, "0%") and unavailable in (0, "0%") and not isinstance(surge, bool):
+        add(written(rollout + ("maxUnavailable",), rollout + ("maxSurge",)),
+            "spec.rollout.maxSurge and maxUnavailable are both 0, so a rolling update could never replace "
+            "an instance; allow at least one, e.g. maxSurge: 1")
+
+    if require_image and doc.get(_SPEC + ("image",), None) is None:
+        add(written(_SPEC + ("image",), _SPEC),
+            "spec.image is required by the docker and pulumi drivers; add `image: NAME:TAG` "
+            "(an image already on the Docker engine: nothing is pulled)")
+    return out
+
+
+# --- conversion ----------------------------------------------------------------------------
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _to_deployment(doc: _Doc, filename: str) -> Deployment:
+    """Only called on documents without errors, so the schema's shape holds here."""
+    data: dict[str, Any] = doc.data
+    meta, spec = data["metadata"], data["spec"]
+    res = spec.get("resources", {})
+    gpu = res.get("gpu", {})
+    sc = spec.get("scaling", {})
+    au = sc.get("autoscaling", {})
+    lb = spec.get("loadBalancer", {})
+    hc = lb.get("healthCheck")
+    ro = spec.get("rollout", {})
+    env = spec.get("env", {})
+    return Deployment(
+        name=meta["name"],
+        model_id=spec["model"]["id"],
+        model_version=spec["model"]["version"],
+        command=spec["command"],
+        port=int(spec["port"]),
+        description=meta.get("description", ""),
+        environment=meta.get("environment", "development"),
+        labels=dict(meta.get("labels", {})),
+        image=spec.get("image"),
+        env={k: v for k, v in env.items() if isinstance(v, str)},
+        secret_env={k: v["secret"] for k, v in env.items() if isinstance(v, dict)},
+        resources=Resources(
+            cpu=_opt_float(res.get("cpu")),
+            memory_gb=_opt_float(res.get("memoryGb")),
+            gpu=GpuSpec(count=int(gpu.get("count", 0)), type=gpu.get("type")),
+            storage_gb=_opt_float(res.get("storageGb")),
+            bandwidth_mbps=_opt_float(res.get("bandwidthMbps")),
+        ),
+        scaling=Scaling(
+            min_replicas=int(sc.get("minReplicas", 0)),
+            max_replicas=int(sc.get("maxReplicas", 1)),
+            idle_timeout_s=parse_duration(sc.get("idleTimeout", "5m")),
+            autoscaling=Autoscaling(
+                enabled=bool(au.get("enabled", False)),
+                target_concurrency=_opt_float(au.get("targetConcurrency")),
+                target_cpu_utilization=_opt_float(au.get("targetCpuUtilization")),
+                target_memory_utilization=_opt_float(au.get("targetMemoryUtilization")),
+                target_gpu_utilization=_opt_float(au.get("targetGpuUtilization")),
+                stable_window_s=parse_duration(au.get("stableWindow", "60s")),
+                panic_window_s=parse_duration(au.get("panicWindow", "6s")),
+                panic_threshold=float(au.get("panicThreshold", 2.0)),
+                scale_down_delay_s=parse_duration(au.get("scaleDownDelay", "30s")),
+            ),
+        ),
+        load_balancer=LoadBalancer(
+            algorithm=lb.get("algorithm", "round-robin"),
+            sticky_sessions=bool(lb.get("stickySessions", False)),
+            health_check=None if hc is None else HealthCheck(
+                path=hc["path"],
+                interval_s=float(hc.get("intervalSeconds", 30)),
+                timeout_s=float(hc.get("timeoutSeconds", 5)),
+                failure_threshold=int(hc.get("failureThreshold", 3)),
+            ),
+        ),
+        rollout=Rollout(
+            strategy=ro.get("strategy", "rolling"),
+            # Counts are kept as text ("1") beside percentages ("25%"): one type for policy code.
+            max_surge=str(ro.get("maxSurge", "25%")),
+            max_unavailable=str(ro.get("maxUnavailable", "25%")),
+            canary_steps=tuple(int(s) for s in ro.get("steps", (10, 50, 100))),
+            step_pause_s=parse_duration(ro.get("stepPause", "30s")),
+            keep_old_s=parse_duration(ro.get("keepOldFor", "5m")),
+        ),
+        state=spec.get("state", "running"),
+        start_timeout_s=parse_duration(sc.get("startTimeout", "300s")),
+        source_file=filename,
+        source_line=doc.line,
+        raw=data,
+    )
+
+
+# --- the loader ----------------------------------------------------------------------------
+
+class _Session:
+    """One load: names must be unique across every file it reads."""
+
+    def __init__(self, require_image: bool) -> None:
+        self.require_image = require_image
+        self.result = LoadResult([], [], [])
+        self.names: dict[str, str] = {}  # name -> "file:line" of its first use
+
+    def add_text(self, text: str, filename: str) -> None:
+        self.result.files.append(filename)
+        docs, errors = _read_documents(text, filename)
+        for doc in docs:
+            translator = _Translator(doc, filename)
+            doc_errors = list(doc.errors)
+            doc_errors += [e for err in _validator().iter_errors(doc.data) for e in translator.translate(err)]
+            doc_errors += _semantic_errors(doc, filename, self.require_image)
+            doc_errors += self._name_clash(doc, filename)
+            errors += doc_errors
+            if not doc_errors:
+                self.result.deployments.append(_to_deployment(doc, filename))
+        self.result.errors += sorted(errors, key=lambda e: e.line)
+
+    def _name_clash(self, doc: _Doc, filename: str) -> list[SpecError]:
+        name = doc.get(("metadata", "name"), None)
+        if not isinstance(name, str):
+            return []
+        where = f"{filename}:{doc.line_of(('metadata', 'name'))}"
+        first = self.names.setdefault(name, where)
+        if first == where:
+            return []
+        return [SpecError(filename, doc.line_of(("metadata", "name")),
+                          f"metadata.name '{name}' is already used by {first}; names must be unique "
+                          "across all files")]
+
+    def add_path(self, path: Path, shown: str) -> None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            self.result.files.append(shown)
+            self.result.errors.append(SpecError(shown, 0, "is not UTF-8 text; save it as UTF-8"))
+            return
+        except OSError as exc:
+            self.result.files.append(shown)
+            self.result.errors.append(SpecError(shown, 0, f"cannot be read: {exc.strerror or exc}"))
+            return
+        self.add_text(text, shown)
+
+
+def _expand(paths: Sequence[str | Path]) -> list[Path]:
+    files: list[Path] = []
+    seen: set[Path] = set()
+    for raw in paths:
+        path = Path(raw)
+        found = (sorted(p for p in path.iterdir() if p.is_file() and p.suffix in YAML_SUFFIXES)
+                 if path.is_dir() else [path])
+        for f in found:
+            key = f.resolve()
+            if key not in seen:  # `deployments/ deployments/x.yaml` must not clash with itself
+                seen.add(key)
+                files.append(f)
+    return files
+
+
+def load_paths(paths: Sequence[str | Path], require_image: bool = False) -> LoadResult:
+    """Load files and directories (their *.yaml / *.yml, sorted, not recursive).
+
+    `require_image` is for the docker and pulumi drivers, which cannot run a spec without one.
+    """
+    session = _Session(require_image)
+    for path in _expand(paths):
+        session.add_path(path, str(path))
+    return session.result
+
+
+def load_text(text: str, filename: str, require_image: bool = False) -> LoadResult:
+    session = _Session(require_image)
+    session.add_text(text, filename)
+    return session.result

@@ -1,0 +1,555 @@
+"""The Pulumi program: Deployment YAML + stack config -> Docker containers, pinned to GPUs.
+
+`pulumi up` (through the root `__main__.py`) and the Automation API driver
+(`controller.drivers.pulumi`) run this same `program()`, so a human update and a
+controller update can only differ in the stack config they carry.
+
+Almost everything is decided by pure functions over plain data (`plan_resources`,
+`gateway_routes`, ...); `program()` only reads config, calls them and declares the
+resources, which keeps the logic testable without the Pulumi engine.
+
+Stack config read (namespace `autodeploy`):
+* `deploymentsDir`   folder of Deployment YAML, relative to the project (default `deployments`)
+* `replicas`         deployment -> replica count (`2`: slots 0 and 1) or slot list (`[0, 2]`:
+                     exactly those slots, so stopping slot 1 removes exactly that container);
+                     a deployment left out runs `minReplicas` replicas
+* `pins`             slot (`<dep>-<n>`) -> GPU uuids it keeps while they still fit; the
+                     controller writes it so its placement and ours agree
+* `gpus`             GPUs to place on when NVML does not answer (as in `controller.stack`)
+* `gatewayPort`, `gatewayHost`, `dockerHost`
+* `gatewayContainer` `true` (default): run the static gateway container; `false`: the
+                     controller's own gateway (`autodeploy serve`) serves the endpoints
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+from urllib.parse import urlparse
+
+from controller.errors import NO_FREE_GPU, SPEC_INVALID, AutoDeployError
+from controller.gpus import Gpu, Inventory
+from controller.policy.placement import NoPlacement, place_many
+from controller.spec import Deployment
+
+NAMESPACE = "autodeploy"
+LABEL_PREFIX = "autodeploy."
+GATEWAY_REPOSITORY = "autodeploy-gateway"
+GATEWAY_DOCKERFILE = "gateway/Dockerfile"
+# The port `autodeploy gateway-static` listens on inside its container.
+GATEWAY_INTERNAL_PORT = 8080
+# `controller.gpus` names a stack-config GPU without a uuid "declared-<index>"; Docker
+# knows no such device, so those are pinned by index instead.
+_DECLARED_UUID_PREFIX = "declared-"
+_WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+# --- plain data -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HealthcheckPlan:
+    tests: tuple[str, ...]
+    interval: str
+    timeout: str
+    retries: int
+
+
+@dataclass(frozen=True)
+class ContainerPlan:
+    """One replica slot of one deployment: everything its container is made from."""
+    deployment: str
+    slot: int
+    image: str
+    command: tuple[str, ...]
+    port: int
+    env: dict[str, str] = field(default_factory=dict)
+    # env name -> (config namespace, key): resolved with Config.require_secret only
+    # inside the program, so secret values never enter a plan, a log or an output.
+    secret_env: dict[str, tuple[str, str]] = field(default_factory=dict)
+    cpus: str | None = None
+    memory_mb: int | None = None
+    gpu_ids: tuple[str, ...] = ()        # GPU uuids, as the controller and outputs name them
+    gpu_devices: tuple[str, ...] = ()    # what Docker's `--gpus device=` gets
+    labels: dict[str, str] = field(default_factory=dict)
+    healthcheck: HealthcheckPlan | None = None
+
+    @property
+    def slot_name(self) -> str:
+        return slot_name(self.deployment, self.slot)
+
+    @property
+    def resource_name(self) -> str:
+        # Stable per slot: N -> N+1 replicas adds one resource and replaces none.
+        return self.slot_name
+
+    @property
+    def container_name(self) -> str:
+        return f"autodeploy-{self.slot_name}"
+
+    @property
+    def network_address(self) -> str:
+        """host:port on the stack's Docker network (what the gateway container dials)."""
+        return f"{self.container_name}:{self.port}"
+
+    @property
+    def gpus_flag(self) -> str | None:
+        return f"device={','.join(self.gpu_devices)}" if self.gpu_devices else None
+
+
+@dataclass(frozen=True)
+class ProgramConfig:
+    deployments_dir: str = "deployments"
+    replicas: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    pins: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    gpus: tuple[Any, ...] = ()           # controller.stack.DeclaredGpu items
+    gateway_port: int = 8080
+    gateway_host: str = "127.0.0.1"
+    docker_host: str | None = None
+    gateway_container: bool = True
+
+
+# --- pure decisions ---------------------------------------------------------------------
+
+def slot_name(deployment: str, slot: int) -> str:
+    return f"{deployment}-{slot}"
+
+
+def split_slot_name(name: str) -> tuple[str, int]:
+    """`"bert-sentiment-2"` -> `("bert-sentiment", 2)`; names may hold dashes, slots may not."""
+    deployment, _, number = name.rpartition("-")
+    if not deployment or not number.isdigit():
+        raise ValueError(f"not a slot name <deployment>-<n>: {name!r}")
+    return deployment, int(number)
+
+
+def _as_slot(value: Any, what: str) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise AutoDeployError(SPEC_INVALID, f"{NAMESPACE}:replicas: {what} must be an integer 0 or more, "
+                                            f"got {value!r}")
+    return value
+
+
+def parse_replicas(raw: Any) -> dict[str, tuple[int, ...]]:
+    """The `replicas` config in either form -> deployment -> sorted slot numbers.
+
+    `{"a": 2}` means slots (0, 1); `{"a": [0, 2]}` means exactly slots 0 and 2. The list
+    form is what the pulumi driver writes, so that stopping a middle instance removes
+    that container and leaves the others (and their GPUs) alone.
+    """
+    if raw is None:
+        return {}
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise AutoDeployError(SPEC_INVALID, f"{NAMESPACE}:replicas is not valid JSON ({exc.msg})") from None
+    if not isinstance(raw, Mapping):
+        raise AutoDeployError(SPEC_INVALID, f"{NAMESPACE}:replicas must map deployment name to a count "
+                                            f"or a list of slot numbers, got {raw!r}")
+    out: dict[str, tuple[int, ...]] = {}
+    for name, value in raw.items():
+        if isinstance(value, (list, tuple)):
+            slots = [_as_slot(v, f"a slot of {name!r}") for v in value]
+            if len(set(slots)) != len(slots):
+                raise AutoDeployError(SPEC_INVALID, f"{NAMESPACE}:replicas: slots of {name!r} repeat: {value!r}")
+            out[str(name)] = tuple(sorted(slots))
+        else:
+            out[str(name)] = tuple(range(_as_slot(value, f"the replica count of {name!r}")))
+    return out
+
+
+def parse_pins(raw: Any) -> dict[str, tuple[str, ...]]:
+    if raw is None:
+        return {}
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise AutoDeployError(SPEC_INVALID, f"{NAMESPACE}:pins is not valid JSON ({exc.msg})") from None
+    if not isinstance(raw, Mapping) or not all(isinstance(v, (list, tuple)) for v in raw.values()):
+        raise AutoDeployError(SPEC_INVALID, f"{NAMESPACE}:pins must map slot (<deployment>-<n>) to a list "
+                                            f"of GPU uuids, got {raw!r}")
+    return {str(k): tuple(str(u) for u in v) for k, v in raw.items()}
+
+
+def wanted_slots(deployments: Sequence[Deployment],
+                 replicas: Mapping[str, int | Sequence[int]]) -> dict[str, tuple[int, ...]]:
+    """Slots per deployment: the replicas entry, else minReplicas; none when stopped.
+
+    maxReplicas is not enforced here on purpose: it bounds the controller's autoscaling,
+    and a rollout's surge may briefly exceed it; an explicit replica count is explicit.
+    """
+    parsed = parse_replicas(dict(replicas))
+    out: dict[str, tuple[int, ...]] = {}
+    for dep in sorted(deployments, key=lambda d: d.name):
+        if dep.state == "stopped":
+            out[dep.name] = ()
+        elif dep.name in parsed:
+            out[dep.name] = parsed[dep.name]
+        else:
+            out[dep.name] = tuple(range(dep.scaling.min_replicas))
+    return out
+
+
+def docker_device_id(gpu: Gpu) -> str:
+    return str(gpu.index) if gpu.uuid.startswith(_DECLARED_UUID_PREFIX) else gpu.uuid
+
+
+def healthcheck_plan(dep: Deployment) -> HealthcheckPlan | None:
+    check = dep.load_balancer.health_check
+    if check is None:
+        return None
+    url = f"http://127.0.0.1:{dep.port}{check.path}"
+    # Model images rarely carry the same HTTP client; try the usual ones in turn.
+    probe = (f"curl -fsS -o /dev/null {url} || wget -q -O /dev/null {url} || "
+             f"python3 -c 'import sys,urllib.request; urllib.request.urlopen(sys.argv[1], timeout={check.timeout_s:g})' "
+             f"{url}")
+    return HealthcheckPlan(tests=("CMD-SHELL", probe), interval=f"{check.interval_s:g}s",
+                           timeout=f"{check.timeout_s:g}s", retries=check.failure_threshold)
+
+
+def split_config_key(key: str) -> tuple[str, str]:
+    """`"hfToken"` -> `("autodeploy", "hfToken")`; `"other:key"` keeps its namespace."""
+    namespace, sep, name = key.partition(":")
+    return (namespace, name) if sep else (NAMESPACE, key)
+
+
+def container_labels(dep: Deployment, slot: int) -> dict[str, str]:
+    # The same keys the docker driver sets, so `docker ps --filter label=autodeploy.managed=true`
+    # lists every instance. The template hash, not the revision: the revision changes with
+    # any edit (maxReplicas, description) and every label change replaces the container.
+    return {
+        f"{LABEL_PREFIX}managed": "true",
+        f"{LABEL_PREFIX}deployment": dep.name,
+        f"{LABEL_PREFIX}instance": slot_name(dep.name, slot),
+        f"{LABEL_PREFIX}template": dep.template_hash,
+    }
+
+
+def _placement_order(slots: Mapping[str, Sequence[int]]) -> list[tuple[str, int]]:
+    # Slot number first, then name: without pins, adding slot n of one deployment never
+    # moves the lower slots of another (they were placed before it).
+    return sorted(((name, n) for name, ns in slots.items() for n in ns), key=lambda s: (s[1], s[0]))
+
+
+def plan_resources(deployments: Sequence[Deployment], replicas: Mapping[str, int | Sequence[int]],
+                   inventory: Inventory, pins: Mapping[str, Sequence[str]] | None = None) -> list[ContainerPlan]:
+    """One plan per wanted slot, each GPU slot on its own GPUs.
+
+    Raises AutoDeployError(NO_FREE_GPU) naming every slot that cannot be placed and why,
+    and AutoDeployError(SPEC_INVALID) for a deployment without an image.
+    """
+    by_name = {d.name: d for d in deployments}
+    slots = wanted_slots(deployments, replicas)
+    order = _placement_order(slots)
+    requests = [(slot_name(name, n), by_name[name].resources.gpu) for name, n in order]
+    wanted_keys = {key for key, _ in requests}
+    # Pins of slots not planned any more must not hold GPUs (place_many would treat
+    # them as other holders).
+    previous = {k: list(v) for k, v in (pins or {}).items() if k in wanted_keys}
+    placed = place_many(inventory.gpus, previous, requests)
+    failures = [f"deployment {key.rpartition('-')[0]} slot {key}: {result.reason}"
+                for key, result in placed.items() if isinstance(result, NoPlacement)]
+    if failures:
+        raise AutoDeployError(NO_FREE_GPU, f"not enough GPUs (inventory from {inventory.source}): "
+                                           + "; ".join(failures))
+    gpu_by_uuid = {g.uuid: g for g in inventory.gpus}
+    plans: list[ContainerPlan] = []
+    for name, n in sorted(order):
+        dep = by_name[name]
+        if not dep.image:
+            raise AutoDeployError(SPEC_INVALID, f"{dep.source_file}:{dep.source_line}: deployment {name} has no "
+                                                f"spec.image; the pulumi driver runs images only")
+        result = placed[slot_name(name, n)]
+        assert not isinstance(result, NoPlacement)  # failures raised above
+        env = dict(dep.env)
+        env.update({"PORT": str(dep.port), "AUTODEPLOY_DEPLOYMENT": name,
+                    "AUTODEPLOY_INSTANCE_ID": slot_name(name, n)})
+        plans.append(ContainerPlan(
+            deployment=name, slot=n, image=dep.image,
+            # sh -c: spec.command is a shell line (`cd /app && python api.py`).
+            command=("sh", "-c", dep.command), port=dep.port, env=env,
+            secret_env={k: split_config_key(v) for k, v in dep.secret_env.items()},
+            cpus=None if dep.resources.cpu is None else f"{dep.resources.cpu:g}",
+            memory_mb=None if dep.resources.memory_gb is None else int(dep.resources.memory_gb * 1024),
+            gpu_ids=tuple(result.gpu_ids),
+            gpu_devices=tuple(docker_device_id(gpu_by_uuid[u]) for u in result.gpu_ids),
+            labels=container_labels(dep, n), healthcheck=healthcheck_plan(dep)))
+    return plans
+
+
+def applied_replicas(deployments: Sequence[Deployment], plans: Sequence[ContainerPlan]) -> dict[str, list[int]]:
+    """The `replicas` output: exactly the slots that run, in the list form config takes."""
+    out: dict[str, list[int]] = {d.name: [] for d in deployments}
+    for plan in plans:
+        out[plan.deployment].append(plan.slot)
+    return {k: sorted(v) for k, v in sorted(out.items())}
+
+
+def applied_pins(plans: Sequence[ContainerPlan]) -> dict[str, list[str]]:
+    return {p.slot_name: list(p.gpu_ids) for p in plans if p.gpu_ids}
+
+
+def gateway_routes(deployments: Sequence[Deployment], plans: Sequence[ContainerPlan]) -> dict[str, Any]:
+    """AUTODEPLOY_ROUTES for `autodeploy gateway-static`: per deployment, its balancing
+    rules and the network addresses of its instances (empty for a stopped one, so the
+    gateway can answer "stopped" instead of "not found")."""
+    routes: dict[str, Any] = {}
+    for dep in sorted(deployments, key=lambda d: d.name):
+        check = dep.load_balancer.health_check
+        routes[dep.name] = {
+            "state": dep.state,
+            "algorithm": dep.load_balancer.algorithm,
+            "stickySessions": dep.load_balancer.sticky_sessions,
+            "healthCheckPath": check.path if check else None,
+            "instances": [{"id": p.slot_name, "address": p.network_address}
+                          for p in plans if p.deployment == dep.name],
+        }
+    return {"version": 1, "deployments": routes}
+
+
+def instance_endpoint(docker_host: str | None) -> tuple[str, str]:
+    """(IP to publish instance ports on, host the controller dials them at).
+
+    A local engine publishes on loopback only: instances are for the gateway, not the
+    network. A remote engine (tcp://, ssh://) must publish on all interfaces and is
+    dialled at its own host name.
+    """
+    if not docker_host or docker_host.startswith(("unix://", "npipe://")):
+        return "127.0.0.1", "127.0.0.1"
+    host = urlparse(docker_host).hostname
+    if not host:
+        raise AutoDeployError(SPEC_INVALID, f"{NAMESPACE}:dockerHost {docker_host!r} names no host")
+    return "0.0.0.0", host
+
+
+def gateway_url(gateway_host: str, gateway_port: int, docker_host: str | None) -> str:
+    host = gateway_host
+    if host in _WILDCARD_HOSTS:
+        host = instance_endpoint(docker_host)[1]
+    return f"http://{host}:{gateway_port}"
+
+
+def instance_output(plan: ContainerPlan, host: str, external_port: int | None,
+                    container_id: str | None) -> dict[str, Any]:
+    """One item of `deployments.<name>.instances`."""
+    return {"name": plan.slot_name, "address": f"{host}:{external_port}",
+            "gpu_ids": list(plan.gpu_ids), "container_id": container_id}
+
+
+def published_port(ports: Any, internal: int) -> int | None:
+    """The host port Docker gave `internal`, from a Container's `ports` output."""
+    for port in ports or []:
+        get = port.get if isinstance(port, Mapping) else (lambda k, p=port: getattr(p, k, None))
+        if get("internal") == internal:
+            external = get("external")
+            return int(external) if external is not None else None
+    return None
+
+
+def deployments_output(deployments: Sequence[Deployment],
+                       instances: Mapping[str, Sequence[dict[str, Any]]]) -> dict[str, Any]:
+    return {d.name: {"instances": list(instances.get(d.name, []))}
+            for d in sorted(deployments, key=lambda d: d.name)}
+
+
+# --- config and YAML ---------------------------------------------------------------------
+
+def _bool(value: str | None, key: str, default: bool) -> bool:
+    if value is None:
+        return default
+    lowered = value.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise AutoDeployError(SPEC_INVALID, f"{NAMESPACE}:{key} must be true or false, got {value!r}")
+
+
+def declared_gpus(raw: Any) -> tuple[Any, ...]:
+    """`gpus` config -> controller.stack.DeclaredGpu items (what discover_inventory reads)."""
+    from controller.stack import DeclaredGpu
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise AutoDeployError(SPEC_INVALID, f"{NAMESPACE}:gpus must be a list of {{index, name, uuid?, "
+                                            f"memoryMb?}}, got {raw!r}")
+    out = []
+    for pos, item in enumerate(raw):
+        if not isinstance(item, Mapping) or "index" not in item or "name" not in item:
+            raise AutoDeployError(SPEC_INVALID, f"{NAMESPACE}:gpus item {pos} needs `index` and `name`, "
+                                                f"got {item!r}")
+        memory = item.get("memoryMb")
+        out.append(DeclaredGpu(index=int(item["index"]), name=str(item["name"]),
+                               uuid=None if item.get("uuid") is None else str(item["uuid"]),
+                               memory_mb=None if memory is None else int(memory)))
+    return tuple(out)
+
+
+def read_config(config: Any) -> ProgramConfig:
+    """`config` is a `pulumi.Config("autodeploy")` (or anything with its get/get_object)."""
+    port = config.get_int("gatewayPort")
+    return ProgramConfig(
+        deployments_dir=config.get("deploymentsDir") or "deployments",
+        replicas=parse_replicas(config.get_object("replicas")),
+        pins=parse_pins(config.get_object("pins")),
+        gpus=declared_gpus(config.get_object("gpus")),
+        gateway_port=8080 if port is None else port,
+        gateway_host=config.get("gatewayHost") or "127.0.0.1",
+        docker_host=config.get("dockerHost"),
+        gateway_container=_bool(config.get("gatewayContainer"), "gatewayContainer", True))
+
+
+def load_deployments(deployments_dir: Path) -> list[Deployment]:
+    """Every deployment in the folder, or one error listing every FILE:LINE problem:
+    an update never applies half of a broken commit."""
+    from controller.loader import load_paths
+    result = load_paths([deployments_dir], require_image=True)
+    if not result.ok:
+        lines = "\n".join(f"  {e}" for e in result.errors)
+        raise AutoDeployError(SPEC_INVALID, f"{len(result.errors)} error(s) in {deployments_dir}; "
+                                            f"nothing was changed:\n{lines}")
+    return list(result.deployments)
+
+
+def gateway_image_name() -> str:
+    # Versioned so that upgrading the package rebuilds the image *and* replaces the
+    # gateway container (an unchanged name would leave the old container running).
+    return f"{GATEWAY_REPOSITORY}:{metadata.version('autodeploy')}"
+
+
+# --- the program ----------------------------------------------------------------------------
+
+@dataclass
+class ProgramResult:
+    """What `program()` declared, for tests and for callers composing it."""
+    config: ProgramConfig
+    deployments: list[Deployment]
+    plans: list[ContainerPlan]
+    inventory: Inventory
+    network: Any
+    containers: dict[str, Any]           # slot name -> docker.Container
+    envs: dict[str, Any]                 # slot name -> the envs input (an Output when secret)
+    gateway_image: Any | None
+    gateway: Any | None
+    outputs: dict[str, Any]              # exported name -> value / Output
+
+
+def _inventory(cfg: ProgramConfig, nvml: Any | None) -> Inventory:
+    import pulumi
+
+    from controller.gpus import discover_inventory
+    from controller.stack import StackConfig
+    stack = StackConfig(name=pulumi.get_stack(), source=f"stack config of {pulumi.get_stack()}",
+                        gpus=list(cfg.gpus))
+    return discover_inventory(stack, nvml)
+
+
+def _envs(plan: ContainerPlan) -> Any:
+    import pulumi
+    plain = [f"{k}={v}" for k, v in sorted(plan.env.items())]
+    if not plan.secret_env:
+        return plain
+    names = sorted(plan.secret_env)
+    values = [pulumi.Config(plan.secret_env[n][0]).require_secret(plan.secret_env[n][1]) for n in names]
+    # The secret Outputs make the whole list secret: Pulumi stores and shows it as [secret].
+    return pulumi.Output.all(*values).apply(
+        lambda vals: sorted(plain + [f"{n}={v}" for n, v in zip(names, vals)]))
+
+
+def program(project_dir: Path | None = None, nvml: Any | None = None) -> ProgramResult:
+    """Declare the stack. `project_dir` defaults to the working directory, which is the
+    project when Pulumi runs the program; `nvml` is a `controller.gpus.NvmlGpuSource`
+    (default: a new one) for the GPU inventory."""
+    import pulumi
+    import pulumi_docker as docker
+
+    project = (project_dir or Path.cwd()).resolve()
+    cfg = read_config(pulumi.Config(NAMESPACE))
+    deployments_dir = Path(cfg.deployments_dir)
+    if not deployments_dir.is_absolute():
+        deployments_dir = project / deployments_dir
+    deployments = load_deployments(deployments_dir)
+    inventory = _inventory(cfg, nvml)
+    pulumi.log.info(f"GPU inventory from {inventory.source}" + (f" ({inventory.detail})" if inventory.detail else ""))
+    known = {d.name for d in deployments}
+    for name in sorted(set(cfg.replicas) - known):
+        pulumi.log.warn(f"{NAMESPACE}:replicas names {name!r}, which is not in {deployments_dir}; ignored")
+    plans = plan_resources(deployments, {k: list(v) for k, v in cfg.replicas.items()}, inventory, cfg.pins)
+
+    provider = docker.Provider("docker", host=cfg.docker_host) if cfg.docker_host else None
+    base = pulumi.ResourceOptions(provider=provider)
+    network = docker.Network("autodeploy", name=f"autodeploy-{pulumi.get_stack()}",
+                             labels=[docker.NetworkLabelArgs(label=f"{LABEL_PREFIX}managed", value="true")],
+                             opts=base)
+    bind_ip, host = instance_endpoint(cfg.docker_host)
+    containers: dict[str, Any] = {}
+    envs: dict[str, Any] = {}
+    for plan in plans:
+        check = plan.healthcheck
+        envs[plan.slot_name] = _envs(plan)
+        containers[plan.slot_name] = docker.Container(
+            plan.resource_name,
+            name=plan.container_name,
+            # By name, never pulled: the image must already be on the engine (no registry
+            # is assumed reachable). A RemoteImage with keep_locally and no pull does not exist.
+            image=plan.image,
+            command=list(plan.command),
+            envs=envs[plan.slot_name],
+            ports=[docker.ContainerPortArgs(internal=plan.port, ip=bind_ip)],
+            cpus=plan.cpus,
+            memory=plan.memory_mb,
+            gpus=plan.gpus_flag,
+            labels=[docker.ContainerLabelArgs(label=k, value=v) for k, v in sorted(plan.labels.items())],
+            healthcheck=None if check is None else docker.ContainerHealthcheckArgs(
+                tests=list(check.tests), interval=check.interval, timeout=check.timeout, retries=check.retries),
+            networks_advanced=[docker.ContainerNetworksAdvancedArgs(name=network.name, aliases=[plan.slot_name])],
+            # Without a controller watching, Docker itself restarts a crashed model.
+            restart="unless-stopped",
+            # The container name is fixed, so the old one must go before its replacement.
+            opts=pulumi.ResourceOptions.merge(base, pulumi.ResourceOptions(delete_before_replace=True)))
+
+    gateway_image = gateway = None
+    if cfg.gateway_container:
+        gateway_image = docker.Image(
+            "gateway-image", image_name=gateway_image_name(),
+            build=docker.DockerBuildArgs(context=str(project), dockerfile=str(project / GATEWAY_DOCKERFILE)),
+            skip_push=True, opts=base)
+        routes = json.dumps(gateway_routes(deployments, plans), sort_keys=True)
+        gateway = docker.Container(
+            "gateway", name=f"autodeploy-gateway-{pulumi.get_stack()}",
+            image=gateway_image.image_name,
+            envs=[f"AUTODEPLOY_ROUTES={routes}", f"AUTODEPLOY_GATEWAY_BIND=0.0.0.0:{GATEWAY_INTERNAL_PORT}"],
+            ports=[docker.ContainerPortArgs(internal=GATEWAY_INTERNAL_PORT, external=cfg.gateway_port,
+                                            ip=cfg.gateway_host)],
+            networks_advanced=[docker.ContainerNetworksAdvancedArgs(name=network.name)],
+            labels=[docker.ContainerLabelArgs(label=f"{LABEL_PREFIX}managed", value="true"),
+                    docker.ContainerLabelArgs(label=f"{LABEL_PREFIX}role", value="gateway")],
+            restart="unless-stopped",
+            opts=pulumi.ResourceOptions.merge(base, pulumi.ResourceOptions(
+                delete_before_replace=True, depends_on=list(containers.values()))))
+
+    def _instances_output(args: list[Any]) -> dict[str, Any]:
+        by_dep: dict[str, list[dict[str, Any]]] = {}
+        for plan, (ports, container_id) in zip(plans, zip(args[0::2], args[1::2])):
+            by_dep.setdefault(plan.deployment, []).append(
+                instance_output(plan, host, published_port(ports, plan.port), container_id))
+        return deployments_output(deployments, by_dep)
+
+    resolved = [x for p in plans for x in (containers[p.slot_name].ports, containers[p.slot_name].id)]
+    outputs: dict[str, Any] = {
+        "gateway_url": gateway_url(cfg.gateway_host, cfg.gateway_port, cfg.docker_host),
+        "deployments": pulumi.Output.all(*resolved).apply(_instances_output),
+        "replicas": applied_replicas(deployments, plans),
+        "pins": applied_pins(plans),
+        "gpu_inventory": inventory.source,
+    }
+    for name, value in outputs.items():
+        pulumi.export(name, value)
+    return ProgramResult(config=cfg, deployments=deployments, plans=plans, inventory=inventory, network=network,
+                         containers=containers, envs=envs, gateway_image=gateway_image, gateway=gateway,
+                         outputs=outputs)

@@ -1,0 +1,359 @@
+"""The stack config: Pulumi's stack file `stacks/Pulumi.<stack>.yaml`, read as plain data.
+
+One file says how a whole installation runs (driver, GPUs, gateway, prices), and the
+Pulumi program reads the very same file, so `pulumi config set autodeploy:gatewayPort
+9090` and the controller always agree. Keys live under `config:` and are namespaced
+`autodeploy:<key>`; a key without a namespace belongs to the project, exactly as Pulumi
+reads it. `pulumi config set` stores scalars as strings, so numbers given as strings
+and maps given as JSON strings are accepted too.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Hashable
+
+import yaml
+
+from controller.errors import SPEC_INVALID, AutoDeployError
+from controller.policy.placement import gpu_type_matches, match_specificity
+from controller.spec import GpuSpec
+
+NAMESPACE = "autodeploy"
+DRIVERS = ("local", "docker", "pulumi")
+# Where stack files live when the project has no Pulumi.yaml to say so.
+DEFAULT_STACK_DIR = "stacks"
+_STACK_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_DOCKER_SCHEMES = ("unix://", "tcp://", "ssh://", "http://", "https://", "npipe://")
+
+
+@dataclass(frozen=True)
+class DeclaredGpu:
+    """A GPU written into the stack config, used where NVML cannot list the real ones."""
+    index: int
+    name: str
+    uuid: str | None = None
+    memory_mb: int | None = None
+
+
+@dataclass
+class Prices:
+    """USD per instance-hour. An instance costs `cpu` (the flat price of any instance)
+    plus `gpu.count` times the price of its GPU type.
+
+    The GPU type is looked up with the placement matcher, so the key "H100" prices a
+    request for "H100" or "NVIDIA H100 80GB HBM3"; when several keys match, the one
+    naming more words wins ("A100 80GB" over "A100"), then the alphabetically first.
+    A type no key matches, or no type at all, costs `default_gpu`.
+    """
+    cpu: float = 0.0
+    gpu: dict[str, float] = field(default_factory=dict)
+    default_gpu: float | None = None
+    source: str = ""  # the stack file, named in errors
+
+    def gpu_price(self, gpu_type: str | None) -> float:
+        if gpu_type:
+            matches = [k for k in self.gpu if gpu_type_matches(k, gpu_type)]
+            if matches:
+                best = min(matches, key=lambda k: (-match_specificity(k), k))
+                return self.gpu[best]
+        if self.default_gpu is None:
+            # A silent 0 would make every unknown GPU free in the cost ledger.
+            raise AutoDeployError(
+                SPEC_INVALID,
+                f"{self.source or 'stack config'}: {NAMESPACE}:prices has no price for GPU type "
+                f"{gpu_type or '(any)'!r}; add it under `gpu:` or set `defaultGpu:`")
+        return self.default_gpu
+
+    def per_hour(self, gpu: GpuSpec) -> float:
+        if gpu.count <= 0:
+            return self.cpu
+        return self.cpu + gpu.count * self.gpu_price(gpu.type)
+
+
+@dataclass
+class StackConfig:
+    name: str
+    source: str = ""  # e.g. "stacks/Pulumi.dev.yaml", relative to the project
+    driver: str = "local"
+    deployments_dir: str = "deployments"
+    replicas: dict[str, int] = field(default_factory=dict)
+    gpus: list[DeclaredGpu] = field(default_factory=list)
+    docker_host: str | None = None
+    gateway_port: int = 8080
+    gateway_host: str = "127.0.0.1"
+    prices: Prices = field(default_factory=Prices)
+    # Every other config key, verbatim (other namespaces, secrets as {"secure": ...}),
+    # for the Pulumi program; nothing here is decrypted.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _Invalid(Exception):
+    """A bad value; `load_stack` adds the file, line and key."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys: PyYAML would keep the last one silently."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: dict[Hashable, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # `<<: *anchor` is flattened by construct_mapping itself
+        key = loader.construct_object(key_node, deep=True)
+        if isinstance(key, Hashable):
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {seen[key]})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=True)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _parse_yaml(text: str, rel: str) -> tuple[Any, yaml.Node | None]:
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{rel}:{mark.line + 1}" if mark is not None else rel
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise AutoDeployError(SPEC_INVALID, f"{where}: not valid YAML: {problem}") from exc
+    finally:
+        loader.dispose()
+    return data, node
+
+
+def _config_key_lines(root: yaml.Node | None) -> dict[str, int]:
+    """Line of each key under `config:`, so errors can point at it."""
+    if not isinstance(root, yaml.MappingNode):
+        return {}
+    for key_node, value_node in root.value:
+        if key_node.value == "config" and isinstance(value_node, yaml.MappingNode):
+            return {str(k.value): k.start_mark.line + 1 for k, _ in value_node.value}
+    return {}
+
+
+# --- value checks: each takes the raw value and returns the typed one or raises _Invalid.
+
+def _secure_check(value: Any) -> None:
+    if isinstance(value, dict) and set(value) == {"secure"}:
+        raise _Invalid("is a Pulumi secret, but the controller reads stack config without "
+                       "decrypting it; set it in plain text")
+
+
+def _as_int(value: Any, what: str, minimum: int | None = None, maximum: int | None = None) -> int:
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid(f"{what} must be an integer, got {value!r}")
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        bounds = f"{minimum}-{maximum}" if maximum is not None else f">= {minimum}"
+        raise _Invalid(f"{what} must be {bounds}, got {value}")
+    return value
+
+
+def _as_price(value: Any, what: str) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise _Invalid(f"{what} must be a number (USD per hour), got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise _Invalid(f"{what} must be a number (USD per hour), got {value!r}")
+    if value < 0:
+        raise _Invalid(f"{what} must be 0 or more, got {value}")
+    return float(value)
+
+
+def _as_text(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _Invalid(f"{what} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _structured(value: Any, what: str) -> Any:
+    # `pulumi config set autodeploy:replicas '{"a": 2}'` stores a JSON string.
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise _Invalid(f"{what} is a string but not valid JSON ({exc.msg}); "
+                           f"write it as a YAML mapping or JSON") from None
+    return value
+
+
+def _check_keys(item: dict[str, Any], allowed: tuple[str, ...], what: str) -> None:
+    unknown = sorted(str(k) for k in item if k not in allowed)
+    if unknown:
+        raise _Invalid(f"{what} has unknown key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+
+
+def _driver(value: Any) -> str:
+    if value not in DRIVERS:
+        raise _Invalid(f"must be one of {', '.join(DRIVERS)}, got {value!r}")
+    return value
+
+
+def _replicas(value: Any) -> dict[str, int]:
+    value = _structured(value, "value")
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _Invalid(f"must map deployment name to replica count, got {value!r}")
+    return {_as_text(name, "deployment name"): _as_int(n, f"replicas of {name!r}", minimum=0)
+            for name, n in value.items()}
+
+
+def _gpus(value: Any) -> list[DeclaredGpu]:
+    value = _structured(value, "value")
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _Invalid(f"must be a list of {{index, name, uuid?, memoryMb?}}, got {value!r}")
+    out: list[DeclaredGpu] = []
+    for pos, item in enumerate(value):
+        what = f"item {pos}"
+        if not isinstance(item, dict):
+            raise _Invalid(f"{what} must be a mapping {{index, name, uuid?, memoryMb?}}, got {item!r}")
+        _check_keys(item, ("index", "name", "uuid", "memoryMb"), what)
+        for required in ("index", "name"):
+            if required not in item:
+                raise _Invalid(f"{what} needs `{required}`")
+        uuid = item.get("uuid")
+        memory = item.get("memoryMb")
+        out.append(DeclaredGpu(
+            index=_as_int(item["index"], f"{what} index", minimum=0),
+            name=_as_text(item["name"], f"{what} name"),
+            uuid=None if uuid is None else _as_text(uuid, f"{what} uuid"),
+            memory_mb=None if memory is None else _as_int(memory, f"{what} memoryMb", minimum=1)))
+    for attr in ("index", "uuid"):
+        values = [getattr(g, attr) for g in out if getattr(g, attr) is not None]
+        repeated = sorted({str(v) for v in values if values.count(v) > 1})
+        if repeated:
+            raise _Invalid(f"each GPU needs its own {attr}; repeated: {', '.join(repeated)}")
+    return out
+
+
+def _docker_host(value: Any) -> str | None:
+    if value is None:
+        return None
+    value = _as_text(value, "value")
+    if not value.startswith(_DOCKER_SCHEMES):
+        raise _Invalid(f"must be a Docker Engine address such as unix:///var/run/docker.sock "
+                       f"(schemes: {', '.join(_DOCKER_SCHEMES)}), got {value!r}")
+    return value
+
+
+def _port(value: Any) -> int:
+    return _as_int(value, "value", minimum=1, maximum=65535)
+
+
+def _prices(value: Any) -> Prices:
+    value = _structured(value, "value")
+    if value is None:
+        return Prices()
+    if not isinstance(value, dict):
+        raise _Invalid(f"must be a mapping {{cpu, gpu, defaultGpu}}, got {value!r}")
+    _check_keys(value, ("cpu", "gpu", "defaultGpu"), "value")
+    gpu = value.get("gpu") or {}
+    if not isinstance(gpu, dict):
+        raise _Invalid(f"gpu must map GPU type to USD per GPU-hour, got {gpu!r}")
+    default = value.get("defaultGpu")
+    return Prices(
+        cpu=_as_price(value.get("cpu", 0), "cpu"),
+        gpu={_as_text(k, "GPU type"): _as_price(v, f"gpu.{k}") for k, v in gpu.items()},
+        default_gpu=None if default is None else _as_price(default, "defaultGpu"))
+
+
+# Config key -> (StackConfig field, check).
+_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "driver": ("driver", _driver),
+    "deploymentsDir": ("deployments_dir", lambda v: _as_text(v, "value")),
+    "replicas": ("replicas", _replicas),
+    "gpus": ("gpus", _gpus),
+    "dockerHost": ("docker_host", _docker_host),
+    "gatewayPort": ("gateway_port", _port),
+    "gatewayHost": ("gateway_host", lambda v: _as_text(v, "value")),
+    "prices": ("prices", _prices),
+}
+
+
+def stack_dir(project_dir: Path) -> str:
+    """The project's stackConfigDir, relative to it (Pulumi's own default is the project)."""
+    pulumi_yaml = project_dir / "Pulumi.yaml"
+    if not pulumi_yaml.is_file():
+        return DEFAULT_STACK_DIR
+    data, _ = _parse_yaml(pulumi_yaml.read_text(encoding="utf-8"), "Pulumi.yaml")
+    if not isinstance(data, dict):
+        raise AutoDeployError(SPEC_INVALID, "Pulumi.yaml: must be a mapping with `name:` and `runtime:`")
+    configured = data.get("stackConfigDir", ".")
+    if not isinstance(configured, str) or not configured.strip():
+        raise AutoDeployError(SPEC_INVALID, f"Pulumi.yaml: stackConfigDir must be a path, got {configured!r}")
+    return configured.rstrip("/") or "."
+
+
+def available_stacks(project_dir: Path) -> list[str]:
+    folder = project_dir / stack_dir(project_dir)
+    return sorted(p.name[len("Pulumi."):-len(".yaml")] for p in folder.glob("Pulumi.*.yaml"))
+
+
+def load_stack(project_dir: Path, stack: str) -> StackConfig:
+    """Read and check `<stackConfigDir>/Pulumi.<stack>.yaml`.
+
+    Raises AutoDeployError(SPEC_INVALID) naming the file, line and key of what is wrong.
+    """
+    # Pulumi accepts "org/project/stack"; the file is named for the last part only.
+    short = stack.rsplit("/", 1)[-1]
+    folder = stack_dir(project_dir)
+    rel = f"{folder}/Pulumi.{short}.yaml" if folder != "." else f"Pulumi.{short}.yaml"
+    if not _STACK_NAME.fullmatch(short):
+        raise AutoDeployError(SPEC_INVALID, f"{rel}: stack name {stack!r} may hold only letters, "
+                                            f"digits, '-', '_' and '.'")
+    path = project_dir / rel
+    if not path.is_file():
+        known = ", ".join(available_stacks(project_dir)) or "none"
+        raise AutoDeployError(SPEC_INVALID, f"{rel}: stack file not found (stacks here: {known}); "
+                                            f"create it or choose another stack")
+    data, root = _parse_yaml(path.read_text(encoding="utf-8"), rel)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise AutoDeployError(SPEC_INVALID, f"{rel}: must be a mapping with a `config:` mapping")
+    config = data.get("config") or {}
+    if not isinstance(config, dict):
+        raise AutoDeployError(SPEC_INVALID, f"{rel}: `config:` must be a mapping of "
+                                            f"{NAMESPACE}:<key> to values")
+    lines = _config_key_lines(root)
+    result = StackConfig(name=short, source=rel)
+    for raw_key, value in config.items():
+        key = str(raw_key)
+        full = key if ":" in key else f"{NAMESPACE}:{key}"
+        where = f"{rel}:{lines[key]}" if key in lines else rel
+        namespace, _, name = full.partition(":")
+        if namespace != NAMESPACE:
+            result.extra[full] = value
+            continue
+        if name not in _KEYS:
+            close = [k for k in _KEYS if k.lower() == name.lower()]
+            close += difflib.get_close_matches(name, list(_KEYS), n=1, cutoff=0.75)
+            if close:
+                raise AutoDeployError(SPEC_INVALID, f"{where}: unknown key {full}; did you mean "
+                                                    f"{NAMESPACE}:{close[0]}?")
+            result.extra[full] = value
+            continue
+        attr, check = _KEYS[name]
+        try:
+            _secure_check(value)
+            setattr(result, attr, check(value))
+        except _Invalid as exc:
+            raise AutoDeployError(SPEC_INVALID, f"{where}: {full}: {exc}") from None
+    result.prices.source = rel
+    return result

@@ -1,0 +1,49 @@
+"""`autodeploy validate PATH...`: check Deployment YAML before it is committed or served."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TextIO
+
+from controller.loader import load_paths
+
+EXIT_OK = 0
+EXIT_INVALID = 1
+EXIT_USAGE = 2
+
+USAGE = "usage: autodeploy validate PATH... (Deployment YAML files, or directories of *.yaml / *.yml)"
+
+
+def run_validate(paths: list[str], out: TextIO, err: TextIO, require_image: bool = False) -> int:
+    """Print every error as FILE:LINE: message to `err` and one line per valid deployment to `out`.
+
+    Returns 0 when everything is valid, 1 when anything is invalid, 2 on a usage error.
+    `require_image` applies the docker/pulumi drivers' rule that `spec.image` is set.
+    """
+    if not paths:
+        print(USAGE, file=err)
+        return EXIT_USAGE
+    missing = [p for p in paths if not Path(p).exists()]
+    for p in missing:
+        print(f"autodeploy validate: {p}: no such file or directory", file=err)
+    if missing:
+        return EXIT_USAGE
+
+    result = load_paths(paths, require_image=require_image)
+    if not result.files:
+        # An empty directory is almost always a wrong path; passing it would hide that.
+        print(f"autodeploy validate: no .yaml or .yml files in {', '.join(paths)}", file=err)
+        return EXIT_USAGE
+
+    for error in result.errors:
+        print(error, file=err)
+    for d in result.deployments:
+        print(f"ok  {d.source_file}:{d.source_line}  {d.name} ({d.model_id}@{d.model_version})", file=out)
+    if result.errors:
+        bad_files = len({e.file for e in result.errors})
+        print(f"{_plural(len(result.errors), 'error')} in {_plural(bad_files, 'file')}", file=err)
+        return EXIT_INVALID
+    return EXIT_OK
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"

@@ -1,0 +1,177 @@
+"""Shared fixtures: a real `autodeploy serve` process on a free port with its own
+deployments and state directories."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import psutil
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+ECHO_MODEL = ROOT / "deployments" / "models" / "echo_model.py"
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def echo_command(*extra: str) -> str:
+    return f"{PY} {ECHO_MODEL} --port ${{PORT}}" + "".join(f" {e}" for e in extra)
+
+
+def deployment_yaml(name: str, command: str | None = None, *, min_replicas: int = 0, max_replicas: int = 3,
+                    idle: str = "5m", health: str | None = "/health", state: str = "running",
+                    extra_spec: str = "", start_timeout: str | None = None) -> str:
+    command = command or echo_command()
+    lines = [
+        "apiVersion: autodeploy/v1", "kind: Deployment", "metadata:", f"  name: {name}", "spec:",
+        "  model: {id: echo, version: v1}", "  command: '" + command.replace("'", "''") + "'", "  port: 8080", "  scaling:", f"    minReplicas: {min_replicas}",
+        f"    maxReplicas: {max_replicas}", f"    idleTimeout: {idle}",
+    ]
+    if start_timeout:
+        lines.append(f"    startTimeout: {start_timeout}")
+    if health:
+        lines += ["  loadBalancer:", f"    healthCheck: {{path: {health}, intervalSeconds: 10, timeoutSeconds: 2}}"]
+    lines.append(f"  state: {state}")
+    text = "\n".join(lines) + "\n"
+    if extra_spec:
+        text += textwrap.indent(textwrap.dedent(extra_spec).strip("\n"), "  ") + "\n"
+    return text
+
+
+@dataclass
+class Served:
+    proc: subprocess.Popen
+    url: str
+    deployments: Path
+    state_dir: Path
+    log_path: Path
+    args: list[str] = field(default_factory=list)
+
+    def get(self, path: str, **kw) -> requests.Response:
+        return requests.get(self.url + path, timeout=kw.pop("timeout", 30), **kw)
+
+    def post(self, path: str, **kw) -> requests.Response:
+        return requests.post(self.url + path, timeout=kw.pop("timeout", 30), **kw)
+
+    def status(self, name: str | None = None) -> dict:
+        return self.get("/api/deployments" + (f"/{name}" if name else "")).json()
+
+    def instances(self, name: str) -> list[dict]:
+        return self.status(name)["instances"]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for(self, predicate, timeout: float = 15.0, what: str = "condition"):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}; serve log:\n{self.log()[-4000:]}")
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def terminate(self, sig: int = signal.SIGTERM, timeout: float = 40.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+
+def start_serve(tmp: Path, files: dict[str, str], *extra: str, state_dir: Path | None = None,
+                port: int | None = None) -> Served:
+    deployments = tmp / "deployments"
+    deployments.mkdir(exist_ok=True)
+    for name, text in files.items():
+        (deployments / name).write_text(text)
+    state_dir = state_dir or tmp / "state"
+    port = port or free_port()
+    log_path = tmp / f"serve-{port}.log"
+    args = [str(Path(PY).parent / "autodeploy"), "serve", "--deployments", str(deployments),
+            "--state-dir", str(state_dir), "--port", str(port), "--project-dir", str(ROOT), *extra]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    served = Served(proc, f"http://127.0.0.1:{port}", deployments, state_dir, log_path, args)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"serve exited with {proc.returncode}:\n{served.log()}")
+        try:
+            if requests.get(served.url + "/api/deployments", timeout=1).status_code == 200:
+                return served
+        except requests.RequestException:
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"serve did not become ready:\n{served.log()}")
+
+
+def _kill_tree(served: Served) -> None:
+    for child in served.descendants():
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    if served.proc.poll() is None:
+        served.proc.kill()
+        served.proc.wait()
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator:
+    """Start `autodeploy serve` with the given deployment files; always cleaned up."""
+    started: list[Served] = []
+
+    def _start(files: dict[str, str], *extra: str, **kw) -> Served:
+        served = start_serve(tmp_path, files, *extra, **kw)
+        started.append(served)
+        return served
+
+    yield _start
+    for served in started:
+        instance_pids = _instance_pids(served)
+        if served.proc.poll() is None:
+            try:
+                served.terminate()
+            except subprocess.TimeoutExpired:
+                pass
+        _kill_tree(served)
+        for pid in instance_pids:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def _instance_pids(served: Served) -> list[int]:
+    try:
+        data = requests.get(served.url + "/api/deployments", timeout=2).json()
+    except (requests.RequestException, ValueError):
+        return []
+    pids = []
+    for dep in data.get("deployments", []):
+        try:
+            detail = requests.get(served.url + f"/api/deployments/{dep['name']}", timeout=2).json()
+        except (requests.RequestException, ValueError):
+            continue
+        pids += [i["pid"] for i in detail.get("instances", []) if i.get("pid")]
+    return pids
