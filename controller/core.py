@@ -272,6 +272,13 @@ class Controller:
 
     def _launch(self, spec: Deployment, rec: Rec) -> None:
         try:
+            self._launch_and_wait(spec, rec)
+        except Exception as exc:  # noqa: BLE001 - never leave waiters on an instance nobody watches
+            log.exception("starting %s failed", rec.id)
+            self._fail(rec, AutoDeployError(errors.DRIVER_FAILED, f"{type(exc).__name__}: {exc}"))
+
+    def _launch_and_wait(self, spec: Deployment, rec: Rec) -> None:
+        try:
             inst = self.driver.start(spec, rec.id, rec.gpu_ids)
         except AutoDeployError as exc:
             self._fail(rec, exc)
@@ -283,6 +290,8 @@ class Controller:
         with self._cv:
             rec.inst = inst
             self.store.put_instance(inst, self.driver.name, "starting", self._price(spec))
+            for note in inst.notes:
+                self._event(rec.deployment, "note", note, rec.id)
         health = spec.load_balancer.health_check
         path = health.path if health else None
         begin = time.monotonic()
@@ -296,7 +305,8 @@ class Controller:
                     f"instance {rec.id} exited with code {gone.code} before it was ready; last log lines:\n"
                     f"{gone.log_tail}"))
                 return
-            if is_ready(inst.host, inst.port, path, timeout=max(0.5, health.timeout_s if health else 1.0)):
+            if is_ready(inst.host, inst.port, path, timeout=max(0.5, health.timeout_s if health else 1.0),
+                        tcp_is_enough=self.driver.tcp_accept_means_ready):
                 break
             elapsed = time.monotonic() - begin
             if elapsed > spec.start_timeout_s:
@@ -461,7 +471,8 @@ class Controller:
             alive = self.driver.adopt(inst)
             if alive and rt is not None and not rt.removed and inst.revision == rt.spec.revision:
                 health = rt.spec.load_balancer.health_check
-                if is_ready(inst.host, inst.port, health.path if health else None):
+                if is_ready(inst.host, inst.port, health.path if health else None,
+                            tcp_is_enough=self.driver.tcp_accept_means_ready):
                     with self._cv:
                         rec = Rec(id=inst.id, deployment=inst.deployment, revision=inst.revision, phase="ready",
                                   created=inst.started_at, inst=inst, ready_at=now, last_activity=now,

@@ -13,19 +13,30 @@ def port_accepts(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-def http_ok(host: str, port: int, path: str, timeout: float) -> bool:
-    """True when GET path answers 2xx."""
+def http_status(host: str, port: int, path: str, timeout: float) -> int | None:
+    """The status of GET path, or None when nothing answered over HTTP."""
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         conn.request("GET", path, headers={"User-Agent": "autodeploy-health"})
-        return 200 <= conn.getresponse().status < 300
+        return conn.getresponse().status
     except (OSError, http.client.HTTPException):
-        return False
+        return None
     finally:
         conn.close()
 
 
-def is_ready(host: str, port: int, health_path: str | None, timeout: float = 1.0) -> bool:
+def http_ok(host: str, port: int, path: str, timeout: float) -> bool:
+    """True when GET path answers 2xx."""
+    status = http_status(host, port, path, timeout)
+    return status is not None and 200 <= status < 300
+
+
+def is_ready(host: str, port: int, health_path: str | None, timeout: float = 1.0,
+             tcp_is_enough: bool = True) -> bool:
+    """Ready = the health path answers 2xx; without one, the port accepts (or, behind a
+    port proxy, any HTTP answer at all)."""
     if health_path:
         return http_ok(host, port, health_path, timeout)
-    return port_accepts(host, port, timeout)
+    if tcp_is_enough:
+        return port_accepts(host, port, timeout)
+    return http_status(host, port, "/", timeout) is not None

@@ -24,6 +24,12 @@ class _Handler(socketserver.StreamRequestHandler):
     server: "IpcServer"
 
     def handle(self) -> None:
+        try:
+            self._serve_lines()
+        except (ConnectionResetError, BrokenPipeError):
+            return  # a gateway worker went away (restart or shutdown)
+
+    def _serve_lines(self) -> None:
         for line in self.rfile:
             try:
                 req = json.loads(line)

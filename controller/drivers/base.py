@@ -27,6 +27,7 @@ class Instance:
     container_id: str | None = None
     gpu_ids: list[str] = field(default_factory=list)
     log_path: str | None = None
+    notes: list[str] = field(default_factory=list)  # what the driver could not honour, for events
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,9 @@ class Exit:
 
 class Driver(Protocol):
     name: str
+    # False where something accepts connections before the instance does (Docker's
+    # port proxy): readiness then needs an HTTP answer, not just a connect.
+    tcp_accept_means_ready: bool
 
     def start(self, dep: Deployment, instance_id: str, gpu_ids: list[str]) -> Instance:
         """Launch the instance and return at once (readiness is polled by the caller).

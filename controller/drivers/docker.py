@@ -149,6 +149,7 @@ class DockerDriver:
     else the local unix socket)."""
 
     name = "docker"
+    tcp_accept_means_ready = False  # docker-proxy accepts on the published port before the container listens
 
     def __init__(self, base_url: str | None = None, timeout: float = 60) -> None:
         self.base_url = base_url
@@ -196,10 +197,11 @@ class DockerDriver:
             except _ENGINE_ERRORS as exc:  # say so: a leftover container blocks the name
                 raise AutoDeployError(DRIVER_FAILED, f"{err.detail}; removing it failed too: {exc}") from exc
             raise
+        note = self.notes.pop(instance_id, None)
         return Instance(id=instance_id, deployment=dep.name, revision=dep.revision, host=HOST,
                         port=_published_port(container.attrs, dep.port),
                         started_at=_parse_time(container.attrs["State"].get("StartedAt")) or time.time(),
-                        container_id=container.id, gpu_ids=list(gpu_ids))
+                        container_id=container.id, gpu_ids=list(gpu_ids), notes=[note] if note else [])
 
     def _create(self, dep: Deployment, instance_id: str, config: dict[str, Any]) -> Any:
         try:

@@ -40,6 +40,7 @@ class LocalDriver:
     instance of it can run at a time; the README says so."""
 
     name = "local"
+    tcp_accept_means_ready = True
 
     def __init__(self, state_dir: Path, workdir: Path) -> None:
         self.log_dir = state_dir / "logs"
