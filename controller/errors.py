@@ -39,6 +39,15 @@ BAD_REQUEST = ErrorCode(1013, 400, "bad request", "Fix the request as the messag
 SPEC_INVALID = ErrorCode(1014, 422, "deployment spec invalid",
                          "Fix the FILE:LINE errors listed; the last good revision keeps serving.")
 DRIVER_FAILED = ErrorCode(1015, 502, "driver error", "Read the message; check the Docker engine or Pulumi stack.")
+REVISION_NOT_FOUND = ErrorCode(1016, 404, "revision not found",
+                               "Pick a revision number listed by `autodeploy history NAME`.")
+CONFIRMATION_REQUIRED = ErrorCode(1017, 409, "confirmation required",
+                                  "Deleting cannot be undone: pass --yes (CLI) or {\"yes\": true} (HTTP API).")
+REPLICAS_OUT_OF_RANGE = ErrorCode(1018, 422, "replicas out of range",
+                                  "Scale to a count from 0 to maxReplicas, or raise spec.scaling.maxReplicas "
+                                  "in the file.")
+UNKNOWN_ACTION = ErrorCode(1019, 404, "unknown deployment action",
+                           "Use scale, stop, start, delete, rollback (POST) or history, rollout, drift (GET).")
 
 ALL: tuple[ErrorCode, ...] = tuple(v for v in list(globals().values()) if isinstance(v, ErrorCode))
 BY_CODE: dict[int, ErrorCode] = {e.code: e for e in ALL}
@@ -66,3 +75,14 @@ class AutoDeployError(Exception):
         msg = str(data.get("msg", ""))
         detail = msg[len(err.msg) + 2:] if msg.startswith(err.msg + ": ") else ("" if msg == err.msg else msg)
         return cls(err, detail, retry_after)
+
+
+def markdown_table() -> str:
+    """The README's error table: `python -m controller.errors` prints it."""
+    rows = ["| code | HTTP | message | what to do |", "|---|---|---|---|"]
+    rows += [f"| {e.code} | {e.http_status} | {e.msg} | {e.fix} |" for e in sorted(ALL, key=lambda e: e.code)]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

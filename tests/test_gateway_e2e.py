@@ -329,3 +329,26 @@ def test_sigterm_finishes_in_flight_requests_and_leaves_no_process(serve):
     assert result["status"] == 200
     alive = [pid for pid in tree if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
     assert alive == []
+
+
+def test_status_command_prints_deployments_and_instances(serve):
+    import subprocess
+    import sys
+    from pathlib import Path
+    s = serve({"hello.yaml": deployment_yaml("hello")})
+    iid = s.get("/d/hello/whoami").headers[TARGET]
+    exe = str(Path(sys.executable).parent / "autodeploy")
+    table = subprocess.run([exe, "status", "--url", s.url], capture_output=True, text=True, timeout=30)
+    assert table.returncode == 0, table.stderr
+    assert "hello" in table.stdout and "Running" in table.stdout and "/d/hello/" in table.stdout
+    one = subprocess.run([exe, "status", "hello", "--url", s.url], capture_output=True, text=True, timeout=30)
+    assert iid in one.stdout and "ready" in one.stdout
+    down = subprocess.run([exe, "status", "--url", "http://127.0.0.1:9"], capture_output=True, text=True, timeout=30)
+    assert down.returncode != 0 and "autodeploy serve" in down.stderr
+
+
+def test_sigint_stops_like_sigterm(serve):
+    s = serve({"hello.yaml": deployment_yaml("hello")})
+    pid = s.instances("hello") or s.get("/d/hello/whoami").json()["pid"]
+    assert s.terminate(signal.SIGINT) == 0
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
