@@ -11,6 +11,7 @@ from pathlib import Path
 
 import requests
 
+from controller import cli_ops
 from controller.errors import AutoDeployError
 
 DEFAULT_URL = os.environ.get("AUTODEPLOY_URL", "http://127.0.0.1:8080")
@@ -39,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds a held request waits for an instance (default 300)")
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get on shutdown (default 30)")
+    p.add_argument("--trusted-proxy", action="append", default=[], metavar="CIDR",
+                   help="a proxy whose X-Forwarded-For is believed (for ip-hash); repeatable "
+                        "(default: the stack's autodeploy:trustedProxies, else none)")
     p.add_argument("-v", "--verbose", action="store_true")
 
     p = sub.add_parser("status", help="deployments, their instances and cost")
@@ -57,9 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lines", "-n", type=int, default=100)
     p.add_argument("--state-dir", type=Path, default=Path(".state"))
 
+    cli_ops.add_parsers(sub, DEFAULT_URL)  # scale, stop, start, delete, rollback, rollout, history, diff
+
     args = parser.parse_args(argv)
     try:
-        return int(COMMANDS[args.command](args) or 0)
+        return int({**COMMANDS, **cli_ops.COMMANDS}[args.command](args) or 0)
     except AutoDeployError as exc:
         print(f"error {exc.error.code}: {exc.message}", file=sys.stderr)
         return 1
@@ -78,7 +84,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         deployments=args.deployments.resolve() if args.deployments else None,
                         state_dir=args.state_dir.resolve(), host=args.host, port=args.port, driver=args.driver,
                         workers=args.workers, threads=args.threads, queue_limit=args.queue_limit,
-                        queue_timeout=args.queue_timeout, graceful_timeout=args.graceful_timeout)
+                        queue_timeout=args.queue_timeout, graceful_timeout=args.graceful_timeout,
+                        trusted_proxies=tuple(args.trusted_proxy))
     return Server(opts).run()
 
 

@@ -7,6 +7,7 @@ the driver acts.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -15,15 +16,20 @@ from typing import Any, Callable
 
 from controller import errors
 from controller.drivers.base import Driver, Instance
+from controller.autoscaler import Autoscaler
 from controller.errors import AutoDeployError
 from controller.health import is_ready
 from controller.ids import new_instance_id
 from controller.loader import LoadResult, SpecError
+from controller.operations import Operations
 from controller.policy.autoscale import idle_instances
 from controller.policy.capacity import Capacity, decide_acquire, readiness_poll_interval, restart_backoff
+from controller.policy.edits import rename_message
 from controller.policy.placement import NoPlacement, place
+from controller.rollouts import RolloutDriver
 from controller.spec import Deployment
 from controller.store import Store
+from controller.traffic import Traffic
 
 log = logging.getLogger("autodeploy.controller")
 
@@ -45,10 +51,21 @@ class Rec:
     served: int = 0
     errors: int = 0
     drain_version: int = 0
+    number: int = 0  # the numbered revision it serves (Deploy-Revision)
     drain_started: float = 0.0
     error: AutoDeployError | None = None
     gpu_ids: list[str] = field(default_factory=list)
     reason: str = ""
+    # Active health checks (controller.health_checker): out of routing while unhealthy.
+    unhealthy: bool = False
+    health_failures: int = 0
+    # False for an autoscaler scale-down: requests still finishing there must not revive it.
+    revivable: bool = True
+    # Column in the gateway's shared in-flight counters (gateway/inflight.py).
+    slot: int = field(default_factory=lambda: next(_INFLIGHT_SLOTS))
+
+
+_INFLIGHT_SLOTS = itertools.count()
 
 
 @dataclass
@@ -94,6 +111,10 @@ class Controller:
         self._threads: set[threading.Thread] = set()
         self._closing = False
         self._next_slot = 0
+        self.rollouts = RolloutDriver(self)
+        self.operations = Operations(self)
+        self.traffic = Traffic()  # request windows and resource use, for status, /metrics, autoscaling
+        self.autoscaler = Autoscaler()
 
     # ------------------------------------------------------------------ desired state
     def apply(self, result: LoadResult) -> None:
@@ -108,7 +129,8 @@ class Controller:
             for name, rt in self.deps.items():
                 if name not in new and not rt.removed and rt.spec.source_file not in bad_files:
                     rt.removed = True
-                    self._event(name, "removed", f"{rt.spec.source_file} no longer defines it: draining")
+                    self._event(name, "removed", rename_message(name, rt.spec.source_file, [
+                        n for n, d in new.items() if d.source_file == rt.spec.source_file and n not in self.deps]))
                     for rec in rt.by_phase("ready"):
                         self._begin_drain(rec, "deployment removed")
             for name, spec in new.items():
@@ -117,9 +139,13 @@ class Controller:
 
     def _apply_one(self, spec: Deployment, now: float) -> None:
         rt = self.deps.get(spec.name)
-        if rt is not None and not rt.removed and rt.spec.revision == spec.revision:
+        effective = self.operations.effective(spec)  # runtime overrides (operations) over the file
+        if effective is None:
+            return  # deleted at runtime, and the file's content for it has not changed since
+        if rt is not None and not rt.removed and rt.spec.revision == effective[0].revision:
             return
         number = self.store.record_revision(spec.name, spec.revision, spec.source_file, spec.raw)
+        spec, number = effective[0], effective[1] or number
         if rt is None or rt.removed:
             old_instances = rt.instances if rt else {}
             rt = DepRuntime(spec=spec, revision_number=number, rr_slot=self._slot(),
@@ -127,13 +153,10 @@ class Controller:
             self.deps[spec.name] = rt
             self._event(spec.name, "applied", f"revision {number} ({spec.revision}) from {spec.source_file}")
             return
-        old = rt.spec
+        old, old_number = rt.spec, rt.revision_number
         rt.spec, rt.revision_number = spec, number
         self._event(spec.name, "applied", f"revision {number} ({spec.revision}) from {spec.source_file}")
-        if old.template_hash != spec.template_hash or spec.state == "stopped":
-            why = "deployment stopped" if spec.state == "stopped" else f"replaced by revision {number}"
-            for rec in rt.by_phase("ready"):
-                self._begin_drain(rec, why)
+        self.rollouts.changed(rt, old, old_number, now)  # in place, rolling restart, or rollout
 
     def _slot(self) -> int:
         self._next_slot += 1
@@ -202,7 +225,7 @@ class Controller:
                 return None
 
     def sync(self, worker: int, version: int, inflight: dict[str, int],
-             activity: dict[str, list[float]], wait: float) -> dict:
+             activity: dict[str, list[float]], wait: float, metrics: dict[str, dict] | None = None) -> dict:
         """A gateway worker's report; answers with the routing snapshot when it changed."""
         with self._cv:
             now = self.clock()
@@ -215,6 +238,9 @@ class Controller:
                 rec.last_activity = max(rec.last_activity, last_done)
                 rec.served += int(served)
                 rec.errors += int(errs)
+            if metrics:
+                self.rollouts.record_metrics(metrics, now)
+                self.traffic.observe(now, metrics)
             if version == self.version and wait > 0:
                 self._cv.wait(wait)
             if version == self.version:
@@ -240,8 +266,8 @@ class Controller:
                 deps[name] = {
                     "state": rt.spec.state, "algorithm": rt.spec.load_balancer.algorithm,
                     "sticky": rt.spec.load_balancer.sticky_sessions, "rr_slot": rt.rr_slot,
-                    "revision": rt.revision_number,
-                    "ready": [_address(r) for r in rt.by_phase("ready") if r.inst is not None],
+                    "revision": rt.revision_number, "split": self.rollouts.split(name),
+                    "ready": [_address(r) for r in rt.by_phase("ready") if r.inst is not None and not r.unhealthy],
                 }
             self._snapshot = {"version": self.version, "deployments": deps}
         return self._snapshot
@@ -251,7 +277,7 @@ class Controller:
         now = self.clock()
         taken = {i for d in self.deps.values() for i in d.instances}
         rec = Rec(id=new_instance_id(taken), deployment=rt.spec.name, revision=rt.spec.revision,
-                  phase="starting", created=now, last_activity=now, reason=reason)
+                  phase="starting", created=now, last_activity=now, reason=reason, number=rt.revision_number)
         gpu = rt.spec.resources.gpu
         if gpu.count > 0:
             placed = place(self.inventory.gpus, self._assigned(), gpu)
@@ -331,8 +357,8 @@ class Controller:
 
     def _fail(self, rec: Rec, exc: AutoDeployError) -> None:
         with self._cv:
-            if rec.phase == "failed":
-                return
+            if rec.phase in ("failed", "stopping", "gone"):
+                return  # stopped on purpose while starting: not a failure
             rec.phase, rec.error = "failed", exc
             now = self.clock()
             rt = self.deps.get(rec.deployment)
@@ -366,8 +392,8 @@ class Controller:
         if rec.inst is not None:
             self.driver.stop(rec.inst, self.stop_timeout)
 
-    def _begin_drain(self, rec: Rec, reason: str) -> None:
-        rec.phase, rec.reason = "draining", reason
+    def _begin_drain(self, rec: Rec, reason: str, revivable: bool = True) -> None:
+        rec.phase, rec.reason, rec.revivable = "draining", reason, revivable
         rec.drain_started = self.clock()
         self._bump()
         rec.drain_version = self.version
@@ -409,10 +435,13 @@ class Controller:
             inflight = self._inflight()
             for name in list(self.deps):
                 self._reconcile(self.deps[name], inflight, now)
+            self.autoscaler.step(self, inflight, now)
+            self.traffic.forget({i for rt in self.deps.values() for i in rt.instances}, set(self.deps))
 
     def _reconcile(self, rt: DepRuntime, inflight: dict[str, int], now: float) -> None:
+        rolling = self.rollouts.drive(rt, now)  # a rollout in progress owns the instance count
         spec = rt.spec
-        if not rt.removed and spec.state == "running":
+        if not rt.removed and spec.state == "running" and not rolling:
             ready = rt.by_phase("ready")
             release = idle_instances({r.id: r.last_activity for r in ready},
                                      {r.id: inflight.get(r.id, 0) for r in ready},
@@ -424,7 +453,7 @@ class Controller:
                 self._begin_drain(rec, "deployment removed" if rt.removed else "deployment stopped")
         for rec in rt.by_phase("draining"):
             if rec.last_activity > rec.drain_started and not rt.removed and spec.state == "running" \
-                    and rec.revision == spec.revision:
+                    and rec.revision == spec.revision and rec.revivable:
                 rec.phase = "ready"
                 self._event(spec.name, "revived", "traffic arrived while it was being released", rec.id)
                 self._bump()
@@ -436,7 +465,8 @@ class Controller:
                 self._bump()
             return
         alive = len(rt.by_phase("ready")) + len(rt.by_phase("starting"))
-        if spec.state == "running" and alive < spec.scaling.min_replicas and now >= rt.backoff_until:
+        if spec.state == "running" and not rolling and alive < spec.scaling.min_replicas \
+                and now >= rt.backoff_until:
             for _ in range(spec.scaling.min_replicas - alive):
                 try:
                     self._start(rt, f"minReplicas {spec.scaling.min_replicas}")
@@ -476,6 +506,7 @@ class Controller:
                     with self._cv:
                         rec = Rec(id=inst.id, deployment=inst.deployment, revision=inst.revision, phase="ready",
                                   created=inst.started_at, inst=inst, ready_at=now, last_activity=now,
+                                  number=rt.revision_number,
                                   gpu_ids=list(inst.gpu_ids))
                         rt.instances[rec.id] = rec
                         self.store.set_phase(rec.id, "ready")
@@ -497,6 +528,13 @@ class Controller:
                             " carries our labels but is not in the store: left running, not adopted", inst.id)
         with self._cv:
             self._bump()
+
+    # ------------------------------------------------------------------ operations
+    def action(self, name: str, action: str, args: dict) -> dict:
+        """scale / stop / start / delete / rollback, and the history, rollout and drift views
+        (`controller.operations`); the same for the CLI and the HTTP API."""
+        with self._cv:
+            return self.operations.act(name, action, args)
 
     # ------------------------------------------------------------------ status
     def status(self, name: str | None = None) -> dict:
@@ -544,6 +582,11 @@ class Controller:
                      "total": round(booked_cost + running_s * price / 3600.0, 6)},
             "last_error": rt.last_error,
             "spec_errors": file_errors,
+            "drift": self.operations.drift_of(spec.name),
+            "rollout": self.rollouts.status(spec.name, now),
+            "metrics": self.traffic.deployment_metrics(spec.name, [r.id for r in recs],
+                                                       sum(inflight.get(r.id, 0) for r in recs), now),
+            "autoscaling": self.autoscaler.status(spec.name, spec.scaling.autoscaling.enabled, now),
         }
         if events:
             out["events"] = [{"at": e.at, "instance": e.instance, "kind": e.kind, "message": e.message}
@@ -552,12 +595,14 @@ class Controller:
 
     def _inst_status(self, rec: Rec, inflight: dict[str, int]) -> dict:
         inst = rec.inst
-        return {"id": rec.id, "state": rec.phase, "revision": rec.revision,
+        return {"id": rec.id, "state": rec.phase, "revision": rec.revision, "revision_number": rec.number,
                 "pid": inst.pid if inst else None, "port": inst.port if inst else None,
                 "container_id": inst.container_id if inst else None, "gpu_ids": rec.gpu_ids,
                 "started": inst.started_at if inst else rec.created, "ready_at": rec.ready_at,
                 "last_request": rec.last_activity if rec.served else None,
-                "requests_served": rec.served, "errors": rec.errors, "in_flight": inflight.get(rec.id, 0)}
+                "requests_served": rec.served, "errors": rec.errors, "in_flight": inflight.get(rec.id, 0),
+                "healthy": not rec.unhealthy, "health_failures": rec.health_failures,
+                "metrics": self.traffic.instance_metrics(rec.id, inflight.get(rec.id, 0), self.clock())}
 
     # ------------------------------------------------------------------ shutdown
     def shutdown(self) -> None:
@@ -584,12 +629,14 @@ class Controller:
 
     def _capacity(self, rt: DepRuntime, exclude_self: bool) -> Capacity:
         return Capacity(
-            ready=tuple(r.id for r in rt.by_phase("ready")),
+            ready=tuple(r.id for r in rt.by_phase("ready") if not r.unhealthy),
             starting=tuple(r.id for r in rt.by_phase("starting")),
             draining=tuple(r.id for r in rt.by_phase("draining")
                            if r.revision == rt.spec.revision and rt.spec.state == "running"),
+            # An unhealthy instance still holds its slot (and GPU) but takes no request.
             stopping=len(rt.by_phase("stopping")) + sum(
-                1 for r in rt.by_phase("draining") if r.revision != rt.spec.revision),
+                1 for r in rt.by_phase("draining") if r.revision != rt.spec.revision) + sum(
+                1 for r in rt.by_phase("ready") if r.unhealthy),
             max_replicas=rt.spec.scaling.max_replicas,
             waiting=rt.waiting - (1 if exclude_self else 0),
             queue_limit=self.queue_limit, backoff_until=rt.backoff_until,
@@ -626,5 +673,5 @@ class Controller:
 
 def _address(rec: Rec) -> dict:
     assert rec.inst is not None
-    return {"id": rec.id, "host": rec.inst.host, "port": rec.inst.port, "revision": rec.revision,
-            "deployment": rec.deployment}
+    return {"id": rec.id, "host": rec.inst.host, "port": rec.inst.port, "revision": rec.number,
+            "deployment": rec.deployment, "slot": rec.slot}

@@ -73,7 +73,7 @@ class IpcServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         c = self.controller
         if op == "sync":
             return c.sync(int(req["worker"]), int(req["version"]), req.get("inflight", {}),
-                          req.get("activity", {}), float(req.get("wait", 0)))
+                          req.get("activity", {}), float(req.get("wait", 0)), req.get("metrics"))
         if op == "acquire":
             return {"instance": c.acquire(req["deployment"], req.get("rule"), float(req["timeout"]))}
         if op == "status":

@@ -23,6 +23,7 @@ Stack config read (namespace `autodeploy`):
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -44,6 +45,9 @@ GATEWAY_INTERNAL_PORT = 8080
 # knows no such device, so those are pinned by index instead.
 _DECLARED_UUID_PREFIX = "declared-"
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+# Seconds a removed container gets between SIGTERM and SIGKILL (the controller's own
+# default stop timeout; a model finishing its in-flight requests needs about that).
+DESTROY_GRACE_S = 10
 
 
 # --- plain data -------------------------------------------------------------------------
@@ -203,7 +207,7 @@ def healthcheck_plan(dep: Deployment) -> HealthcheckPlan | None:
     check = dep.load_balancer.health_check
     if check is None:
         return None
-    url = f"http://127.0.0.1:{dep.port}{check.path}"
+    url = shlex.quote(f"http://127.0.0.1:{dep.port}{check.path}")
     # Model images rarely carry the same HTTP client; try the usual ones in turn.
     probe = (f"curl -fsS -o /dev/null {url} || wget -q -O /dev/null {url} || "
              f"python3 -c 'import sys,urllib.request; urllib.request.urlopen(sys.argv[1], timeout={check.timeout_s:g})' "
@@ -218,21 +222,26 @@ def split_config_key(key: str) -> tuple[str, str]:
     return (namespace, name) if sep else (NAMESPACE, key)
 
 
-def container_labels(dep: Deployment, slot: int) -> dict[str, str]:
-    # The same keys the docker driver sets, so `docker ps --filter label=autodeploy.managed=true`
-    # lists every instance. The template hash, not the revision: the revision changes with
-    # any edit (maxReplicas, description) and every label change replaces the container.
+def container_labels(dep: Deployment, slot: int, gpu_ids: Sequence[str]) -> dict[str, str]:
+    # The docker driver's keys, so `docker ps --filter label=autodeploy.managed=true` lists
+    # every instance, plus `autodeploy.template`. No `autodeploy.revision`: the revision
+    # changes with any edit (maxReplicas, a description) and, Docker labels being fixed at
+    # creation, every label change makes Pulumi replace the container. The template hash
+    # changes exactly when the container must be replaced anyway.
     return {
         f"{LABEL_PREFIX}managed": "true",
         f"{LABEL_PREFIX}deployment": dep.name,
         f"{LABEL_PREFIX}instance": slot_name(dep.name, slot),
         f"{LABEL_PREFIX}template": dep.template_hash,
+        f"{LABEL_PREFIX}gpus": ",".join(gpu_ids),
+        f"{LABEL_PREFIX}port": str(dep.port),
     }
 
 
 def _placement_order(slots: Mapping[str, Sequence[int]]) -> list[tuple[str, int]]:
-    # Slot number first, then name: without pins, adding slot n of one deployment never
-    # moves the lower slots of another (they were placed before it).
+    # Slot number first, then name: without pins, a deployment's new highest slot is
+    # placed after the other deployments' lower slots, so it usually moves nothing.
+    # Exact stability comes from `pins` (the last update's `pins` output fed back).
     return sorted(((name, n) for name, ns in slots.items() for n in ns), key=lambda s: (s[1], s[0]))
 
 
@@ -278,7 +287,7 @@ def plan_resources(deployments: Sequence[Deployment], replicas: Mapping[str, int
             memory_mb=None if dep.resources.memory_gb is None else int(dep.resources.memory_gb * 1024),
             gpu_ids=tuple(result.gpu_ids),
             gpu_devices=tuple(docker_device_id(gpu_by_uuid[u]) for u in result.gpu_ids),
-            labels=container_labels(dep, n), healthcheck=healthcheck_plan(dep)))
+            labels=container_labels(dep, n, result.gpu_ids), healthcheck=healthcheck_plan(dep)))
     return plans
 
 
@@ -444,8 +453,9 @@ def _inventory(cfg: ProgramConfig, nvml: Any | None) -> Inventory:
 
     from controller.gpus import discover_inventory
     from controller.stack import StackConfig
-    stack = StackConfig(name=pulumi.get_stack(), source=f"stack config of {pulumi.get_stack()}",
-                        gpus=list(cfg.gpus))
+    # Named like the file the config normally comes from; inventory.source then reads
+    # "stack config Pulumi.<stack>.yaml", as `autodeploy gpus` prints it.
+    stack = StackConfig(name=pulumi.get_stack(), source=f"Pulumi.{pulumi.get_stack()}.yaml", gpus=list(cfg.gpus))
     return discover_inventory(stack, nvml)
 
 
@@ -510,6 +520,10 @@ def program(project_dir: Path | None = None, nvml: Any | None = None) -> Program
             networks_advanced=[docker.ContainerNetworksAdvancedArgs(name=network.name, aliases=[plan.slot_name])],
             # Without a controller watching, Docker itself restarts a crashed model.
             restart="unless-stopped",
+            # An init as PID 1 passes SIGTERM on (a PID 1 without a handler ignores it), so
+            # removing a slot stops the model gracefully; kill after the grace period.
+            init=True,
+            destroy_grace_seconds=DESTROY_GRACE_S,
             # The container name is fixed, so the old one must go before its replacement.
             opts=pulumi.ResourceOptions.merge(base, pulumi.ResourceOptions(delete_before_replace=True)))
 

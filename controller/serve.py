@@ -3,8 +3,10 @@ watcher and the gunicorn gateway, in the foreground, shut down cleanly on SIGTER
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,11 +20,13 @@ import requests
 
 from controller.core import Controller
 from controller.drivers.base import Driver
-from controller.gpus import discover_inventory
+from controller.gpus import NvmlGpuSource, discover_inventory
+from controller.health_checker import HealthChecker
 from controller.ipc import IpcServer
 from controller.loader import load_paths
 from controller.stack import StackConfig, load_stack
 from controller.store import Store
+from controller.usage import UsageSampler
 
 log = logging.getLogger("autodeploy.serve")
 
@@ -45,6 +49,7 @@ class ServeOptions:
     queue_timeout: float = 300.0
     graceful_timeout: float = 30.0
     stop_timeout: float = 10.0
+    trusted_proxies: tuple[str, ...] = ()  # X-Forwarded-For is believed only from these (CIDRs)
 
 
 def make_driver(name: str, opts: ServeOptions, stack: StackConfig) -> Driver:
@@ -82,6 +87,18 @@ def _socket_path(state_dir: Path) -> str:
     return os.path.join(tempfile.mkdtemp(prefix="autodeploy-"), "controller.sock")
 
 
+def _networks(items: tuple[str, ...]) -> tuple[str, ...]:
+    """Trusted proxy addresses or CIDRs, normalised; a bad one stops serve with what to fix."""
+    out = []
+    for item in items:
+        try:
+            out.append(str(ipaddress.ip_network(item.strip(), strict=False)))
+        except ValueError as exc:
+            raise SystemExit(f"trusted proxy {item!r} is not an IP address or CIDR ({exc}); "
+                             "use e.g. --trusted-proxy 10.0.0.0/8") from exc
+    return tuple(out)
+
+
 def _die_with_parent() -> None:
     """Runs in the gunicorn child before exec: if serve is killed, the gateway goes too."""
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -104,6 +121,12 @@ class Server:
                                      queue_limit=opts.queue_limit, stop_timeout=opts.stop_timeout)
         self.ipc_path = _socket_path(opts.state_dir)
         self.counters_path = str(opts.state_dir / "counters.bin")
+        self.inflight_path = str(opts.state_dir / "inflight.bin")
+        self.prometheus_dir = opts.state_dir / "prometheus"
+        self.trusted_proxies = _networks(opts.trusted_proxies or tuple(self.stack.trusted_proxies))
+        self.health = HealthChecker(self.controller)
+        self.nvml = NvmlGpuSource() if self.inventory.source == "nvml" else None
+        self.usage = UsageSampler(self.controller, self.nvml)
         self.stop = threading.Event()
         self.gunicorn: subprocess.Popen | None = None
 
@@ -118,6 +141,8 @@ class Server:
         self.controller.adopt_stored()
         ipc = IpcServer(self.ipc_path, self.controller)
         ipc.start()
+        self.health.start()
+        self.usage.start()
         threads = [threading.Thread(target=self._loop, name="reconcile", daemon=True),
                    threading.Thread(target=self._watch, name="watch", daemon=True)]
         for t in threads:
@@ -140,12 +165,21 @@ class Server:
 
     def _spawn_gateway(self) -> subprocess.Popen:
         o = self.opts
+        # Counters of a previous run would be added to this one's (gateway/metrics.py).
+        shutil.rmtree(self.prometheus_dir, ignore_errors=True)
+        self.prometheus_dir.mkdir(parents=True)
+        for stale in (self.inflight_path, self.inflight_path + ".lock"):
+            if os.path.exists(stale):
+                os.unlink(stale)
         cmd = [sys.executable, "-m", "gunicorn", "gateway.wsgi:app", "--bind", f"{self.host}:{self.port}",
+               "-c", "python:gateway.gunicorn_conf",
                "--workers", str(o.workers), "--worker-class", "gthread", "--threads", str(o.threads),
                "--graceful-timeout", str(max(1, int(o.graceful_timeout))), "--keep-alive", "75",
                "--log-level", "warning", "--error-logfile", "-"]
         env = dict(os.environ, AUTODEPLOY_IPC=self.ipc_path, AUTODEPLOY_COUNTERS=self.counters_path,
-                   AUTODEPLOY_QUEUE_TIMEOUT=str(o.queue_timeout))
+                   AUTODEPLOY_QUEUE_TIMEOUT=str(o.queue_timeout), AUTODEPLOY_INFLIGHT=self.inflight_path,
+                   AUTODEPLOY_TRUSTED_PROXIES=",".join(self.trusted_proxies),
+                   PROMETHEUS_MULTIPROC_DIR=str(self.prometheus_dir))
         return subprocess.Popen(cmd, env=env, cwd=str(o.project_dir), preexec_fn=_die_with_parent)
 
     def _wait_ready(self, timeout: float = 30.0) -> bool:
@@ -192,7 +226,11 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.gunicorn.kill()
                 self.gunicorn.wait()
+        self.health.stop()
+        self.usage.stop()
         self.controller.shutdown()
+        if self.nvml is not None:
+            self.nvml.close()
         ipc.close()
         self.driver.close()
         self.store.close()

@@ -66,6 +66,11 @@ class Rollout:
     canary_steps: tuple[int, ...] = (10, 50, 100)
     step_pause_s: float = 30.0
     keep_old_s: float = 300.0
+    # Canary analysis (spec.rollout.analysis); the error rate increase is a fraction here.
+    min_requests: int = 20
+    max_error_rate_increase: float = 0.05
+    max_p99_ratio: float = 1.5
+    p99_tolerance_ms: float = 50.0
 
 
 @dataclass(frozen=True)

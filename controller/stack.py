@@ -10,6 +10,7 @@ and maps given as JSON strings are accepted too.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
 import re
 from dataclasses import dataclass, field
@@ -80,11 +81,13 @@ class StackConfig:
     source: str = ""  # e.g. "stacks/Pulumi.dev.yaml", relative to the project
     driver: str = "local"
     deployments_dir: str = "deployments"
-    replicas: dict[str, int] = field(default_factory=dict)
+    replicas: dict[str, int | tuple[int, ...]] = field(default_factory=dict)
     gpus: list[DeclaredGpu] = field(default_factory=list)
     docker_host: str | None = None
     gateway_port: int = 8080
     gateway_host: str = "127.0.0.1"
+    # Peers whose X-Forwarded-For the gateway believes (ip-hash); `serve --trusted-proxy` overrides.
+    trusted_proxies: list[str] = field(default_factory=list)
     prices: Prices = field(default_factory=Prices)
     # Every other config key, verbatim (other namespaces, secrets as {"secure": ...}),
     # for the Pulumi program; nothing here is decrypted.
@@ -202,14 +205,25 @@ def _driver(value: Any) -> str:
     return value
 
 
-def _replicas(value: Any) -> dict[str, int]:
+def _replicas(value: Any) -> dict[str, int | tuple[int, ...]]:
+    """A count per deployment, or the exact slot numbers the pulumi driver keeps
+    (`{"hello": [0, 2]}` after the instance in slot 1 was stopped)."""
     value = _structured(value, "value")
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise _Invalid(f"must map deployment name to replica count, got {value!r}")
-    return {_as_text(name, "deployment name"): _as_int(n, f"replicas of {name!r}", minimum=0)
-            for name, n in value.items()}
+    out: dict[str, int | tuple[int, ...]] = {}
+    for name, n in value.items():
+        key = _as_text(name, "deployment name")
+        if isinstance(n, list):
+            slots = tuple(_as_int(x, f"slot of {name!r}", minimum=0) for x in n)
+            if len(set(slots)) != len(slots):
+                raise _Invalid(f"slots of {name!r} repeat a number: {n!r}")
+            out[key] = slots
+        else:
+            out[key] = _as_int(n, f"replicas of {name!r}", minimum=0)
+    return out
 
 
 def _gpus(value: Any) -> list[DeclaredGpu]:
@@ -273,6 +287,21 @@ def _prices(value: Any) -> Prices:
         default_gpu=None if default is None else _as_price(default, "defaultGpu"))
 
 
+def _trusted_proxies(value: Any) -> list[str]:
+    if isinstance(value, str):  # `pulumi config set` stores text: a JSON list or "a, b"
+        value = _structured(value, "value") if value.lstrip().startswith("[") else \
+            [v for v in value.split(",") if v.strip()]
+    if not isinstance(value, list):
+        raise _Invalid(f"must be a list of IP addresses or CIDRs, got {value!r}")
+    out = []
+    for item in value:
+        try:
+            out.append(str(ipaddress.ip_network(str(item).strip(), strict=False)))
+        except ValueError as exc:
+            raise _Invalid(f"{item!r} is not an IP address or CIDR ({exc})") from None
+    return out
+
+
 # Config key -> (StackConfig field, check).
 _KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "driver": ("driver", _driver),
@@ -283,6 +312,7 @@ _KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "gatewayPort": ("gateway_port", _port),
     "gatewayHost": ("gateway_host", lambda v: _as_text(v, "value")),
     "prices": ("prices", _prices),
+    "trustedProxies": ("trusted_proxies", _trusted_proxies),
 }
 
 

@@ -35,6 +35,9 @@ CREATE TABLE IF NOT EXISTS revisions (
   deployment TEXT NOT NULL, number INTEGER NOT NULL, revision TEXT NOT NULL, applied_at REAL NOT NULL,
   source_file TEXT NOT NULL, content TEXT NOT NULL, PRIMARY KEY (deployment, number)
 );
+CREATE TABLE IF NOT EXISTS overrides (
+  deployment TEXT PRIMARY KEY, base TEXT NOT NULL, data TEXT NOT NULL, at REAL NOT NULL
+);
 """
 
 
@@ -171,6 +174,27 @@ class Store:
     def revisions(self, deployment: str) -> list[RevisionRow]:
         rows = self._query("SELECT * FROM revisions WHERE deployment=? ORDER BY number", (deployment,))
         return [RevisionRow(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in rows]
+
+    def set_instance_revision(self, instance_id: str, revision: str) -> None:
+        """An in-place edit: the instance now runs the new revision (same instance template)."""
+        self._exec("UPDATE instances SET revision=? WHERE id=?", (revision, instance_id))
+
+    # runtime overrides (scale, stop, rollback, delete): drift from the files ----
+    def set_override(self, deployment: str, base: str, data: dict, at: float | None = None) -> None:
+        """`base` is the file's revision the override applies to; a new file content drops it."""
+        self._exec("INSERT OR REPLACE INTO overrides VALUES (?,?,?,?)",
+                   (deployment, base, json.dumps(data), time.time() if at is None else at))
+
+    def override(self, deployment: str) -> tuple[str, dict, float] | None:
+        rows = self._query("SELECT base, data, at FROM overrides WHERE deployment=?", (deployment,))
+        return (rows[0][0], json.loads(rows[0][1]), rows[0][2]) if rows else None
+
+    def overrides(self) -> dict[str, tuple[str, dict, float]]:
+        rows = self._query("SELECT deployment, base, data, at FROM overrides ORDER BY deployment")
+        return {r[0]: (r[1], json.loads(r[2]), r[3]) for r in rows}
+
+    def clear_override(self, deployment: str) -> None:
+        self._exec("DELETE FROM overrides WHERE deployment=?", (deployment,))
 
     def forget(self, deployment: str) -> None:
         """Delete a deployment's stored state (after `autodeploy delete`)."""

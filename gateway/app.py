@@ -3,16 +3,23 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Iterator
 
 import urllib3
 from flask import Flask, Response, request
-from urllib3.exceptions import HTTPError, NewConnectionError, ProtocolError
+from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionError, ProtocolError
 
 from controller import errors
 from controller.errors import AutoDeployError
 from controller.ipc import IpcClient
+from controller.policy.balance import client_ip
+from controller.policy.capacity import RANDOM, ROUND_ROBIN, SCALE_OUT
+from gateway.balancer import RequestKey, cookie_name
 from gateway.counters import SharedCounters
+from gateway.inflight import SharedInflight
+from gateway.metrics import CONTENT_TYPE, GatewayMetrics
+from gateway.outliers import CONNECT_FAILED, RESET, retry_allowed
 from gateway.routing import Router, Target
 
 log = logging.getLogger("autodeploy.gateway")
@@ -43,9 +50,11 @@ def _hop_by_hop(headers: "object") -> set[str]:
 
 
 class Proxy:
-    def __init__(self, router: Router, connect_timeout: float, read_timeout: float | None) -> None:
+    def __init__(self, router: Router, connect_timeout: float, read_timeout: float | None,
+                 trusted_proxies: tuple[str, ...] = ()) -> None:
         self.router = router
         self.timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
+        self.trusted_proxies = trusted_proxies
         self._pools: dict[tuple[str, int], urllib3.HTTPConnectionPool] = {}
 
     def _pool(self, target: Target) -> urllib3.HTTPConnectionPool:
@@ -58,29 +67,46 @@ class Proxy:
         return pool
 
     def forward(self, name: str, path: str) -> Response:
-        rule = request.headers.get(ROUTE_RULE) or None
-        target = self.router.acquire(name, rule.strip().lower() if rule else None)
+        started = time.monotonic()
+        header = request.headers.get(ROUTE_RULE) or None
+        rule = header.strip().lower() if header else None
+        cookie = cookie_name(name)
+        key = RequestKey(client_ip(request.remote_addr or "", request.headers.get("X-Forwarded-For"),
+                                   self.trusted_proxies), request.cookies.get(cookie))
+        target = self.router.acquire(name, rule, key)
         headers = self._upstream_headers()
         body, chunked = self._body()
         url = "/" + path + (("?" + request.query_string.decode("latin-1")) if request.query_string else "")
-        try:
-            upstream = self._send(target, url, headers, body, chunked)
-        except NewConnectionError:
-            # Nothing reached the instance: it died or is being released. Ask again (a new or
-            # another instance) unless the client pinned this one.
-            self.router.unreachable(target)
-            if rule and rule.lower() not in ("random", "round-robin"):
-                raise AutoDeployError(errors.ROUTE_TARGET_NOT_FOUND, f"instance {target.id} is gone") from None
-            target = self.router.acquire(name, None)
+        pinned = rule is not None and rule not in (RANDOM, ROUND_ROBIN, SCALE_OUT)
+        attempt, tried = 1, {target.id}
+        while True:
             try:
                 upstream = self._send(target, url, headers, body, chunked)
+                break
+            except (NewConnectionError, ConnectTimeoutError) as exc:
+                # Nothing reached the instance: it died or is being released.
+                self.router.unreachable(target)
+                if pinned:
+                    raise AutoDeployError(errors.ROUTE_TARGET_NOT_FOUND, f"instance {target.id} is gone") from None
+                failure, replayable, error = CONNECT_FAILED, True, exc
             except (HTTPError, OSError) as exc:
-                self.router.done(target, ok=False)
-                raise AutoDeployError(errors.UPSTREAM_FAILED, f"{target.id}: {exc}") from exc
-        except (HTTPError, OSError) as exc:
-            self.router.done(target, ok=False)
-            raise AutoDeployError(errors.UPSTREAM_FAILED, f"{target.id}: {exc}") from exc
-        return self._response(upstream, target)
+                self.router.done(target, ok=False, started=started)
+                if self.router.metrics is not None:
+                    self.router.metrics.upstream_failure(name, target.id, "reset")
+                # A reset before any response byte (ProtocolError) may be resent; anything else is final.
+                failure, replayable, error = (RESET if isinstance(exc, ProtocolError) else "other"), body is None, exc
+            if pinned or not retry_allowed(request.method, failure, replayable, attempt):
+                raise AutoDeployError(errors.UPSTREAM_FAILED, f"{target.id}: {error}") from error
+            if self.router.metrics is not None:
+                self.router.metrics.retried(name, failure)
+            attempt += 1
+            target = self.router.acquire(name, rule if rule in (RANDOM, ROUND_ROBIN) else None, key,
+                                         avoid=frozenset(tried))
+            tried.add(target.id)
+        set_cookie = None
+        if key.cookie != target.id and self.router.deployment(name).get("sticky"):
+            set_cookie = f"{cookie}={target.id}; Path=/d/{name}; HttpOnly; SameSite=Lax"
+        return self._response(upstream, target, started, set_cookie)
 
     def _send(self, target: Target, url: str, headers: dict, body: object, chunked: bool) -> urllib3.HTTPResponse:
         return self._pool(target).urlopen(request.method, url, body=body, headers=headers, chunked=chunked,
@@ -108,12 +134,16 @@ class Proxy:
             return iter(lambda: stream.read(CHUNK), b""), True
         return None, False
 
-    def _response(self, upstream: urllib3.HTTPResponse, target: Target) -> Response:
+    def _response(self, upstream: urllib3.HTTPResponse, target: Target, started: float,
+                  set_cookie: str | None = None) -> Response:
         drop = _hop_by_hop(upstream.headers)
         headers = [(k, v) for k, v in upstream.headers.items() if k.lower() not in drop]
         headers.append((ROUTE_TARGET, target.id))
         headers.append(("Deploy-Revision", str(target.revision)))
+        if set_cookie is not None:
+            headers.append(("Set-Cookie", set_cookie))
         router = self.router
+        status = upstream.status
 
         def stream() -> Iterator[bytes]:
             ok = False
@@ -131,12 +161,12 @@ class Proxy:
                 log.warning("upstream %s broke mid-response: %s", target.id, exc)
             finally:
                 upstream.release_conn()
-                router.done(target, ok=ok)
+                router.done(target, ok=ok, status=status, started=started)
 
         body = b"" if request.method == "HEAD" else stream()
         if request.method == "HEAD":
             upstream.release_conn()
-            router.done(target, ok=True)
+            router.done(target, ok=status < 500, status=status, started=started)
         resp = Response(body, status=upstream.status, headers=headers, direct_passthrough=True)
         return resp
 
@@ -145,15 +175,25 @@ def create_app(ipc_path: str | None = None, counters_path: str | None = None) ->
     ipc_path = ipc_path or os.environ["AUTODEPLOY_IPC"]
     counters_path = counters_path or os.environ["AUTODEPLOY_COUNTERS"]
     acquire_timeout = float(os.environ.get("AUTODEPLOY_QUEUE_TIMEOUT", "300"))
+    inflight_path = os.environ.get("AUTODEPLOY_INFLIGHT") or counters_path + ".inflight"
+    trusted = tuple(t for t in os.environ.get("AUTODEPLOY_TRUSTED_PROXIES", "").split(",") if t.strip())
     ipc = IpcClient(ipc_path)
-    router = Router(ipc, SharedCounters(counters_path), acquire_timeout)
-    proxy = Proxy(router, connect_timeout=5.0, read_timeout=None)
+    metrics = GatewayMetrics()
+    router = Router(ipc, SharedCounters(counters_path), acquire_timeout, SharedInflight(inflight_path), metrics)
+    proxy = Proxy(router, connect_timeout=5.0, read_timeout=None, trusted_proxies=trusted)
     app = Flask("autodeploy-gateway")
     app.config["router"] = router
 
     @app.errorhandler(AutoDeployError)
     def _coded(exc: AutoDeployError) -> Response:
+        name = (request.view_args or {}).get("name")
+        if name is not None:  # unknown names are not labels: a client could mint endless series
+            metrics.gateway_error(name if router.known(name) else "", exc.error.code)
         return error_response(exc)
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(metrics.render(lambda: ipc.call("status")["status"]), content_type=CONTENT_TYPE)
 
     @app.route("/d/<name>", methods=METHODS, strict_slashes=False)
     @app.route("/d/<name>/<path:path>", methods=METHODS)
@@ -172,6 +212,14 @@ def create_app(ipc_path: str | None = None, counters_path: str | None = None) ->
     def action(name: str, action: str) -> Response:
         args = request.get_json(silent=True) or {}
         return _json(ipc.call("action", name=name, action=action, args=args)["result"])
+
+    @app.get("/api/deployments/<name>/<action>")  # history, rollout, drift (controller.operations)
+    def view(name: str, action: str) -> Response:
+        return _json(ipc.call("action", name=name, action=action, args={"read_only": True})["result"])
+
+    @app.get("/api/drift")
+    def drift() -> Response:
+        return _json(ipc.call("action", name="*", action="drift", args={"read_only": True})["result"])
 
     @app.get("/healthz")
     def healthz() -> Response:

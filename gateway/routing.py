@@ -16,8 +16,14 @@ from dataclasses import dataclass
 from controller import errors
 from controller.errors import AutoDeployError
 from controller.ipc import IpcClient
+from controller.latency import bucket_of
 from controller.policy.capacity import RANDOM, ROUND_ROBIN, SCALE_OUT
+from gateway.balancer import RequestKey, choose
 from gateway.counters import SharedCounters
+from gateway.split import split_ready
+from gateway.inflight import SharedInflight
+from gateway.metrics import GatewayMetrics
+from gateway.outliers import Outliers
 
 log = logging.getLogger("autodeploy.gateway")
 
@@ -30,13 +36,26 @@ class Target:
     host: str
     port: int
     revision: int | str
+    slot: int = -1  # column in the shared in-flight counters
+    deployment: str = ""
+
+
+def _target(a: dict) -> Target:
+    return Target(a["id"], a["host"], int(a["port"]), a["revision"], int(a.get("slot", -1)),
+                  a.get("deployment", ""))
 
 
 class Router:
-    def __init__(self, ipc: IpcClient, counters: SharedCounters, acquire_timeout: float) -> None:
+    def __init__(self, ipc: IpcClient, counters: SharedCounters, acquire_timeout: float,
+                 inflight: SharedInflight | None = None, metrics: GatewayMetrics | None = None) -> None:
         self.ipc = ipc
         self.counters = counters
         self.acquire_timeout = acquire_timeout
+        self.shared_inflight = inflight
+        self.metrics = metrics
+        self.outliers = Outliers(on_eject=self._ejected)
+        # id -> {"d": deployment, "n": finished, "e": failed, "h": latency histogram}, sent with each sync
+        self._report: dict[str, dict] = {}
         self._lock = threading.Lock()
         self._snapshot: dict = {"version": 0, "deployments": {}}
         self._inflight: dict[str, int] = {}
@@ -55,19 +74,23 @@ class Router:
                 version = self._snapshot["version"]
                 inflight = {k: v for k, v in self._inflight.items() if v}
                 activity, self._activity = self._activity, {}
+                report, self._report = self._report, {}
             try:
                 reply = self.ipc.call("sync", worker=pid, version=version, inflight=inflight,
-                                      activity=activity, wait=SYNC_WAIT_S if version else 0)
+                                      activity=activity, wait=SYNC_WAIT_S if version else 0, metrics=report)
             except AutoDeployError as exc:
                 log.warning("sync with controller failed: %s", exc.message)
                 with self._lock:  # keep the activity for the next report
                     for k, v in activity.items():
                         self._merge_activity(k, v)
+                    for k, m in report.items():
+                        self._merge_report(k, m)
                 self._stop.wait(0.2)
                 continue
             if "snapshot" in reply:
                 with self._lock:
                     self._snapshot = reply["snapshot"]
+                self.outliers.forget(r["id"] for d in reply["snapshot"]["deployments"].values() for r in d["ready"])
                 self._synced.set()
 
     def _merge_activity(self, iid: str, v: list[float]) -> None:
@@ -75,6 +98,26 @@ class Router:
         cur[0] = max(cur[0], v[0])
         cur[1] += v[1]
         cur[2] += v[2]
+
+    def _merge_report(self, iid: str, m: dict) -> None:
+        cur = self._report.setdefault(iid, {"d": m["d"], "n": 0, "e": 0, "h": {}})
+        cur["n"] += m["n"]
+        cur["e"] += m["e"]
+        for b, n in m["h"].items():
+            cur["h"][b] = cur["h"].get(b, 0) + n
+
+    def _ejected(self, instance_id: str) -> None:
+        if self.metrics is not None:
+            self.metrics.ejected(self._deployment_of(instance_id), instance_id)
+
+    def _deployment_of(self, instance_id: str) -> str:
+        for name, dep in self._snapshot["deployments"].items():
+            if any(r["id"] == instance_id for r in dep["ready"]):
+                return name
+        return ""
+
+    def known(self, name: str) -> bool:
+        return name in self._snapshot["deployments"]
 
     def wait_synced(self, timeout: float) -> bool:
         return self._synced.wait(timeout)
@@ -94,45 +137,95 @@ class Router:
             raise AutoDeployError(errors.DEPLOYMENT_STOPPED, f"{name} is stopped")
         return dep
 
-    def acquire(self, name: str, rule: str | None) -> Target:
-        """Pick an instance and count the request in flight on it (call `done` after)."""
+    def acquire(self, name: str, rule: str | None, key: RequestKey = RequestKey(),
+                avoid: frozenset[str] = frozenset()) -> Target:
+        """Pick an instance and count the request in flight on it (call `done` after).
+
+        `avoid`: instances this request already failed on (a retry goes elsewhere when it can)."""
         if not self._synced.is_set():
             self.wait_synced(5.0)
         with self._lock:
             dep = self.deployment(name)
-            target = self._pick_local(dep, rule)
+            target = self._pick_local(dep, rule, key, avoid)
             if target is not None:
-                self._inflight[target.id] = self._inflight.get(target.id, 0) + 1
+                self._count_in(target)
                 return target
         reply = self.ipc.call("acquire", deployment=name, rule=rule, timeout=self.acquire_timeout)
-        inst = reply["instance"]
-        target = Target(inst["id"], inst["host"], int(inst["port"]), inst["revision"])
+        target = _target(reply["instance"])
         with self._lock:
-            self._inflight[target.id] = self._inflight.get(target.id, 0) + 1
+            self._count_in(target)
         return target
 
-    def _pick_local(self, dep: dict, rule: str | None) -> Target | None:
-        ready = dep["ready"]
+    def _count_in(self, target: Target) -> None:
+        self._inflight[target.id] = self._inflight.get(target.id, 0) + 1
+        if self.shared_inflight is not None:
+            self.shared_inflight.add(target.slot, 1)
+        if self.metrics is not None:
+            self.metrics.started(target.deployment, target.id)
+
+    def _count_out(self, target: Target) -> None:
+        self._inflight[target.id] = self._inflight.get(target.id, 1) - 1
+        if self.shared_inflight is not None:
+            self.shared_inflight.add(target.slot, -1)
+        if self.metrics is not None:
+            self.metrics.finished(target.deployment, target.id)
+
+    def _pick_local(self, dep: dict, rule: str | None, key: RequestKey = RequestKey(),
+                    avoid: frozenset[str] = frozenset()) -> Target | None:
+        ready = [r for r in dep["ready"] if r["id"] not in avoid] if avoid else dep["ready"]
         if rule == SCALE_OUT or not ready:
             return None
+        if rule is not None and rule not in (RANDOM, ROUND_ROBIN):
+            chosen = next((r for r in ready if r["id"] == rule), None)  # an instance id: ejected or not
+            return None if chosen is None else _target(chosen)
+        out = self.outliers.ejected()
+        routable = [r for r in ready if r["id"] not in out] if out else ready
+        routable = routable or ready  # all ejected: a bad instance beats none
+        if dep.get("split"):  # a rollout is moving traffic between revisions
+            routable = split_ready(dep["split"], routable, self.counters.next)
         if rule == RANDOM:
-            chosen = self._rand.choice(ready)
-        elif rule is None or rule == ROUND_ROBIN:
-            chosen = ready[self.counters.next(dep["rr_slot"]) % len(ready)]
+            chosen = self._rand.choice(routable)
+        elif rule == ROUND_ROBIN:
+            chosen = routable[self.counters.next(dep["rr_slot"]) % len(routable)]
         else:
-            chosen = next((r for r in ready if r["id"] == rule), None)
-            if chosen is None:
-                return None
-        return Target(chosen["id"], chosen["host"], int(chosen["port"]), chosen["revision"])
+            chosen = choose(dep, routable, key, inflight=self._shared_count, rr_next=self.counters.next,
+                            rand=self._rand)
+        return _target(chosen)
 
-    def done(self, target: Target, ok: bool) -> None:
+    def _shared_count(self, addr: dict) -> int:
+        if self.shared_inflight is None:
+            return self._inflight.get(addr["id"], 0)
+        return self.shared_inflight.count(int(addr.get("slot", -1)))
+
+    def done(self, target: Target, ok: bool, status: int | None = None, started: float | None = None) -> None:
+        """The request on `target` is over: `status` is the upstream's (None: no response at all)."""
+        elapsed = None if started is None else time.monotonic() - started
         with self._lock:
-            self._inflight[target.id] = self._inflight.get(target.id, 1) - 1
+            self._count_out(target)
             self._merge_activity(target.id, [time.time(), 1, 0 if ok else 1])
+            rep = self._report.get(target.id)
+            if rep is None:
+                rep = self._report[target.id] = {"d": target.deployment, "n": 0, "e": 0, "h": {}}
+            rep["n"] += 1
+            rep["e"] += 0 if ok else 1
+            if elapsed is not None:
+                b = bucket_of(elapsed * 1000.0)
+                rep["h"][b] = rep["h"].get(b, 0) + 1
+            total = len(self._snapshot["deployments"].get(target.deployment, {}).get("ready", ())) or 1
+        # A response that broke off, or no response after a retry, counts like a 5xx; only a
+        # connection that never opened (`unreachable`) counts as a connect failure.
+        self.outliers.record(target.id, (status or 200) if ok else max(status or 502, 500), total)
+        if self.metrics is not None:
+            self.metrics.response(target.deployment, target.id, status, elapsed)
 
     def unreachable(self, target: Target) -> None:
         with self._lock:
-            self._inflight[target.id] = self._inflight.get(target.id, 1) - 1
+            self._count_out(target)
+            total = len(self._snapshot["deployments"].get(target.deployment, {}).get("ready", ())) or 1
+        self.outliers.record(target.id, None, total)
+        if self.metrics is not None:
+            self.metrics.upstream_failure(target.deployment, target.id, "connect")
+        with self._lock:
             dep_list = self._snapshot["deployments"]
             for dep in dep_list.values():  # stop routing to it from this worker at once
                 dep["ready"] = [r for r in dep["ready"] if r["id"] != target.id]

@@ -5,6 +5,7 @@ only the Pulumi engine behind `Stack.up` is faked.
 """
 from __future__ import annotations
 
+import re
 import threading
 import time
 from pathlib import Path
@@ -122,11 +123,13 @@ def test_ten_concurrent_starts_take_at_most_two_updates(harness: Harness) -> Non
                for i in range(10)]
     for t in threads:
         t.start()
-    wait_until(lambda: stack.active == 1, "the first update")
-    first = next(m for k, m in harness.events if k == "update")
-    carried = int(first.rsplit("(", 1)[1].split(" ")[0])
-    wait_until(lambda: driver.queued == 10 - carried, "every start to queue")
-    stack.gate.set()
+    try:
+        wait_until(lambda: stack.active == 1, "the first update")
+        first = next(m for k, m in harness.events if k == "update")
+        carried = int(re.search(r"\((\d+) request", first).group(1))
+        wait_until(lambda: driver.queued == 10 - carried, "every start to queue")
+    finally:
+        stack.gate.set()
     for t in threads:
         t.join()
     assert stack.up_attempts <= 2
@@ -339,14 +342,18 @@ def test_close_lets_the_update_in_flight_finish_and_fails_queued_requests(harnes
 
     stack.gate.clear()
     first = threading.Thread(target=start, args=("aaa",))
-    first.start()
-    wait_until(lambda: stack.active == 1, "the first update")
     second = threading.Thread(target=start, args=("bbb",))
-    second.start()
-    wait_until(lambda: driver.queued == 1, "the second start to queue")
     closer = threading.Thread(target=driver.close)
-    closer.start()
-    stack.gate.set()
+    try:
+        first.start()
+        wait_until(lambda: stack.active == 1, "the first update")
+        second.start()
+        wait_until(lambda: driver.queued == 1, "the second start to queue")
+        closer.start()
+        # close() must wait for the update in flight: it cannot be done while the gate holds it.
+        wait_until(lambda: driver.closed, "close to begin")
+    finally:
+        stack.gate.set()
     for t in (first, second, closer):
         t.join()
     assert isinstance(results["aaa"], Instance)

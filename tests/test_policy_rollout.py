@@ -377,3 +377,50 @@ def test_canary_size_is_proportional_at_least_one_at_most_desired():
     assert canary_size(10, 25) == 3
     assert canary_size(3, 100) == 3
     assert canary_size(1, 1) == 1
+
+
+def test_canary_with_few_requests_fails_at_once_when_errors_cannot_be_diluted():
+    # The gateway ejects a canary that answers 5xx, so it may never reach minRequests;
+    # 5 errors can never fall under 5 % of 20 requests: fail, do not promote as inconclusive.
+    spec = RolloutSpec("canary", 4, step_pause_s=30, min_requests=20)
+    fleet = FakeFleet(old_ready=4)
+    state, _ = run(spec, fleet, None, 0.0)
+    fleet.start_all()
+    state, _ = run(spec, fleet, state, 0.0)
+    state, actions = run(spec, fleet, state, 30.0, old_stats=RevisionStats(500, 0, 100.0),
+                         new_stats=RevisionStats(5, 5, 100.0))
+    assert state.phase == "rolled_back"
+    assert state.reason == ("canary step 1/3 (10%): analysis failed: 5 errors in 5 requests: the error rate "
+                            "stays above old 0.000 + 0.05 even if the next 15 succeed")
+    assert actions[0] == SetWeights(100.0, 0.0)
+
+
+def test_canary_with_few_requests_and_one_error_still_waits():
+    spec = RolloutSpec("canary", 4, step_pause_s=30, min_requests=20)  # 1 of 20 is exactly 5 %
+    fleet = FakeFleet(old_ready=4)
+    state, _ = run(spec, fleet, None, 0.0)
+    fleet.start_all()
+    state, _ = run(spec, fleet, state, 0.0)
+    state, _ = run(spec, fleet, state, 30.0, new_stats=RevisionStats(5, 1, 100.0))
+    assert state.phase == "paused" and "waiting for traffic" in state.reason
+
+
+def test_p99_tolerance_absorbs_noise_on_fast_endpoints():
+    spec = RolloutSpec("canary", 4, step_pause_s=30, p99_tolerance_ms=50.0)
+    fleet = FakeFleet(old_ready=4)
+    state, _ = run(spec, fleet, None, 0.0)
+    fleet.start_all()
+    state, _ = run(spec, fleet, state, 0.0)
+    # 3 ms -> 9 ms is 3x, but only 6 ms worse: passes.
+    state, _ = run(spec, fleet, state, 30.0, old_stats=RevisionStats(500, 0, 3.0),
+                   new_stats=RevisionStats(50, 0, 9.0))
+    assert (state.phase, state.step) == ("progressing", 1)
+    assert "p99 9ms <= 53ms" in state.reason
+
+
+def test_rollout_spec_from_the_yaml_carries_the_analysis_settings():
+    r = Rollout(strategy="canary", min_requests=7, max_error_rate_increase=0.01, max_p99_ratio=2.0,
+                p99_tolerance_ms=25.0)
+    spec = RolloutSpec.from_rollout(r, 3)
+    assert (spec.min_requests, spec.max_error_rate_increase, spec.max_p99_ratio, spec.p99_tolerance_ms) == \
+        (7, 0.01, 2.0, 25.0)

@@ -149,6 +149,9 @@ def test_each_replica_slot_is_one_container_on_the_stack_network(tmp_path: Path)
         assert {"label": "autodeploy.managed", "value": "true"} in c0["labels"]
         assert {"label": "autodeploy.deployment", "value": "tts"} in c0["labels"]
         assert {"label": "autodeploy.instance", "value": "tts-0"} in c0["labels"]
+        assert {"label": "autodeploy.gpus", "value": "GPU-0"} in c0["labels"]
+        assert not any(label["label"] == "autodeploy.revision" for label in c0["labels"])
+        assert c0["init"] is True and c0["gpus"] == "device=GPU-0"
         assert "PORT=8080" in c0["envs"] and "AUTODEPLOY_INSTANCE_ID=tts-0" in c0["envs"]
         assert c0["healthcheck"]["interval"] == "10s" and c0["healthcheck"]["timeout"] == "2s"
         assert "http://127.0.0.1:8080/health" in c0["healthcheck"]["tests"][1]
@@ -254,6 +257,13 @@ def test_one_more_replica_adds_one_container_and_changes_no_other(tmp_path: Path
     # Identical inputs: Pulumi neither updates nor replaces them (b-0 kept its GPU).
     for name in before:
         assert after[name] == before[name], name
+
+
+def test_editing_scaling_limits_leaves_running_containers_untouched(tmp_path: Path) -> None:
+    before = run_program(tmp_path, {"a.yaml": doc("a")}).containers()
+    edited = doc("a").replace("maxReplicas: 8", "maxReplicas: 3")
+    after = run_program(tmp_path, {"a.yaml": edited}).containers()
+    assert after == before
 
 
 def test_a_slot_list_runs_exactly_those_slots(tmp_path: Path) -> None:

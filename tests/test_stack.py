@@ -242,3 +242,11 @@ def test_yaml_anchors_and_merge_keys_are_read(tmp_path: Path) -> None:
     write_stack(tmp_path, "base: &rates {cpu: 0.1}\nconfig:\n  autodeploy:prices:\n    <<: *rates\n"
                           "    defaultGpu: 1\n")
     assert load_stack(tmp_path, "dev").prices.per_hour(GpuSpec(1, "H100")) == pytest.approx(1.1)
+
+
+def test_replicas_accept_the_slot_list_the_pulumi_driver_writes(tmp_path):
+    from controller.stack import load_stack
+    (tmp_path / "stacks").mkdir()
+    (tmp_path / "stacks" / "Pulumi.x.yaml").write_text(
+        'config:\n  autodeploy:replicas: \'{"hello": [0, 2], "tts": 3}\'\n')
+    assert load_stack(tmp_path, "x").replicas == {"hello": (0, 2), "tts": 3}

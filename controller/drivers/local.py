@@ -47,6 +47,7 @@ class LocalDriver:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self._procs: dict[str, subprocess.Popen | psutil.Process] = {}
+        self._ps_cache: dict[int, psutil.Process] = {}  # for stats(): psutil keeps CPU baselines per object
 
     def start(self, dep: Deployment, instance_id: str, gpu_ids: list[str]) -> Instance:
         uses_port = bool(_PORT_REF.search(dep.command))
@@ -121,17 +122,30 @@ class LocalDriver:
         return inst.log_path
 
     def stats(self, inst: Instance) -> dict[str, float]:
-        """CPU and memory of the instance's process tree (psutil)."""
+        """CPU and memory of the instance's process tree (psutil).
+
+        cpu_pct is of one core and cpu_cores the cores in use, both since the previous
+        call for the same processes: psutil measures CPU between two readings of one
+        Process object, so those objects are kept (a first reading says 0)."""
         if inst.pid is None:
             return {}
         try:
-            root = psutil.Process(inst.pid)
-            procs = [root, *root.children(recursive=True)]
+            root = self._ps(inst.pid)
+            procs = [root, *(self._ps(c.pid) for c in root.children(recursive=True))]
             cpu = sum(p.cpu_percent(interval=None) for p in procs)
             rss = sum(p.memory_info().rss for p in procs)
         except psutil.Error:
             return {}
-        return {"cpu_pct": cpu, "mem_bytes": float(rss)}
+        live = {p.pid for p in procs}
+        for pid in [p for p, proc in list(self._ps_cache.items()) if p not in live and not proc.is_running()]:
+            self._ps_cache.pop(pid, None)
+        return {"cpu_pct": cpu, "cpu_cores": cpu / 100.0, "mem_bytes": float(rss)}
+
+    def _ps(self, pid: int) -> psutil.Process:
+        proc = self._ps_cache.get(pid)
+        if proc is None or not proc.is_running():  # is_running also catches a reused pid
+            proc = self._ps_cache[pid] = psutil.Process(pid)
+        return proc
 
     def close(self) -> None:
         self._procs.clear()

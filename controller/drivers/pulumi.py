@@ -346,6 +346,11 @@ class PulumiDriver:
     # --- for the controller's status and for tests -------------------------------------------
 
     @property
+    def closed(self) -> bool:
+        with self._cv:
+            return self._closed
+
+    @property
     def queued(self) -> int:
         """Scale requests waiting for the next update."""
         with self._cv:

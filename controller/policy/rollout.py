@@ -67,6 +67,9 @@ class RolloutSpec:
     # the old one's by more than this (absolute), or its p99 exceeds old p99 x ratio.
     max_error_rate_increase: float = 0.05
     max_p99_ratio: float = 1.5
+    # ...and only when it also exceeds old p99 + this: on fast endpoints a ratio alone
+    # fails on scheduling noise of a few milliseconds.
+    p99_tolerance_ms: float = 0.0
     min_requests: int = 20
     # With fewer than min_requests after this many pauses the step is promoted
     # anyway (the reason says "inconclusive"): low-traffic GPU services would
@@ -84,7 +87,10 @@ class RolloutSpec:
     @classmethod
     def from_rollout(cls, rollout: Rollout, desired: int) -> "RolloutSpec":
         return cls(rollout.strategy, desired, rollout.max_surge, rollout.max_unavailable,
-                   tuple(rollout.canary_steps), rollout.step_pause_s, rollout.keep_old_s)
+                   tuple(rollout.canary_steps), rollout.step_pause_s, rollout.keep_old_s,
+                   max_error_rate_increase=rollout.max_error_rate_increase,
+                   max_p99_ratio=rollout.max_p99_ratio, p99_tolerance_ms=rollout.p99_tolerance_ms,
+                   min_requests=rollout.min_requests)
 
     @property
     def steps(self) -> tuple[int, ...]:
@@ -183,6 +189,14 @@ def _rollback(spec: RolloutSpec, obs: Observed, state: RolloutState,
     return replace(state, phase="rolled_back", reason=reason), actions
 
 
+def abort(spec: RolloutSpec, observed: Observed, state: RolloutState,
+          reason: str) -> tuple[RolloutState, list[Action]]:
+    """Roll back now, whatever the phase (a manual rollback during a rollout)."""
+    if state.phase in TERMINAL:
+        return state, []
+    return _rollback(spec, observed, state, reason)
+
+
 def _succeed(state: RolloutState, obs: Observed, reason: str,
              weights: bool) -> tuple[RolloutState, list[Action]]:
     actions: list[Action] = [SetWeights(0.0, 100.0)] if weights else []
@@ -271,19 +285,27 @@ def _blue_green(spec: RolloutSpec, obs: Observed, state: RolloutState, now: floa
 def _analyse(spec: RolloutSpec, obs: Observed) -> tuple[str, str]:
     """("pass" | "fail" | "inconclusive", why) for the current canary step."""
     new = obs.new_stats or RevisionStats(0, 0, 0.0)
-    if new.requests < spec.min_requests:
-        return "inconclusive", f"{new.requests} requests < {spec.min_requests} needed"
     old = obs.old_stats
     old_rate = old.error_rate if old is not None and old.requests else 0.0
     limit = old_rate + spec.max_error_rate_increase
+    if new.requests < spec.min_requests:
+        # Errors that no run of successes up to min_requests could dilute under the limit
+        # fail now: a failing canary that the gateway ejected (so it gets little traffic)
+        # must not be promoted as "inconclusive".
+        if new.errors > limit * spec.min_requests:
+            return "fail", (f"{new.errors} errors in {new.requests} requests: the error rate stays above "
+                            f"old {old_rate:.3f} + {spec.max_error_rate_increase:g} even if the next "
+                            f"{spec.min_requests - new.requests} succeed")
+        return "inconclusive", f"{new.requests} requests < {spec.min_requests} needed"
     if new.error_rate > limit:
         return "fail", (f"error rate {new.error_rate:.3f} > old {old_rate:.3f} + "
                         f"{spec.max_error_rate_increase:g}")
     why = f"error rate {new.error_rate:.3f} <= {limit:.3f}"
     if old is not None and old.requests and old.p99_ms > 0:
-        p99_limit = old.p99_ms * spec.max_p99_ratio
+        p99_limit = max(old.p99_ms * spec.max_p99_ratio, old.p99_ms + spec.p99_tolerance_ms)
         if new.p99_ms > p99_limit:
-            return "fail", f"p99 {new.p99_ms:g}ms > old {old.p99_ms:g}ms x {spec.max_p99_ratio:g}"
+            return "fail", (f"p99 {new.p99_ms:g}ms > old {old.p99_ms:g}ms x {spec.max_p99_ratio:g}"
+                            + (f" and + {spec.p99_tolerance_ms:g}ms" if spec.p99_tolerance_ms else ""))
         why += f", p99 {new.p99_ms:g}ms <= {p99_limit:g}ms"
     else:
         why += ", p99 not compared (no old latency)"

@@ -10,6 +10,9 @@ It behaves like a model server for the examples, tests and benchmarks:
   GET  /stream?n=5&ms=50  server-sent events, one every ms milliseconds
   GET  /slow?ms=200       answers after ms milliseconds
   GET  /status/<code>     answers with that status code (errors pass through the gateway)
+  GET  /admin/health?fail=1   make /health answer 503 from now on (fail=0 heals it)
+  GET  /admin/delay?ms=200    add this delay to every later request but /health (a slow instance)
+  --error-status CODE     a broken model: every path but /health answers CODE (canary tests)
   anything else           200 with the method, path and query it saw
 """
 from __future__ import annotations
@@ -25,6 +28,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 INSTANCE = os.environ.get("AUTODEPLOY_INSTANCE_ID", "local")
+# Per-process switches for tests and benchmarks (see /admin/... above).
+ADMIN = {"health_fail": False, "delay_ms": 0.0}
+ERROR_STATUS = 0
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -87,8 +93,21 @@ class Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         path = url.path
+        if path == "/admin/health":
+            ADMIN["health_fail"] = query.get("fail", "1") not in ("0", "false")
+            return self._json(200, {"instance": INSTANCE, **ADMIN})
+        if path == "/admin/delay":
+            ADMIN["delay_ms"] = float(query.get("ms", 0))
+            return self._json(200, {"instance": INSTANCE, **ADMIN})
         if path == "/health":
+            if ADMIN["health_fail"]:
+                return self._send(503, b"failing on purpose", "text/plain")
             return self._send(200, b"ok", "text/plain")
+        if ADMIN["delay_ms"]:
+            time.sleep(ADMIN["delay_ms"] / 1000)
+        if ERROR_STATUS:
+            self._read_body()
+            return self._json(ERROR_STATUS, {"error": "broken on purpose (--error-status)", "instance": INSTANCE})
         if path == "/whoami":
             return self._json(200, {
                 "instance": INSTANCE, "pid": os.getpid(),
@@ -148,7 +167,11 @@ def main() -> None:
                         help="sleep before listening, like loading model weights")
     parser.add_argument("--fail-after", type=float, default=None,
                         help="exit with status 3 after this many seconds (for crash tests)")
+    parser.add_argument("--error-status", type=int, default=0,
+                        help="answer every request but /health with this status (a broken model)")
     args = parser.parse_args()
+    global ERROR_STATUS
+    ERROR_STATUS = args.error_status
     if args.load_seconds:
         time.sleep(args.load_seconds)
     server = ThreadingHTTPServer((args.host, args.port), Handler)

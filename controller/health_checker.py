@@ -1,0 +1,182 @@
+"""Active health checks: GET `healthCheck.path` on every ready instance every
+`intervalSeconds`, each with `timeoutSeconds`.
+
+One failed check takes the instance out of routing at once (the snapshot and the
+controller's own capacity decisions skip it); a passing check puts it back.
+`failureThreshold` consecutive failures (`controller.policy.balance.health_update`)
+stop it and start a replacement once it is gone, so the deployment keeps its size
+without ever going over `maxReplicas`.
+
+Checks run in a small thread pool so one hung instance does not delay the others;
+results are applied under the controller's lock (it stays the single writer).
+"""
+from __future__ import annotations
+
+import http.client
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from controller.errors import AutoDeployError
+from controller.policy.balance import health_update
+from controller.policy.capacity import restart_backoff
+from controller.spec import HealthCheck
+
+if TYPE_CHECKING:
+    from controller.core import Controller, Rec
+
+log = logging.getLogger("autodeploy.health")
+
+LOOP_S = 0.1
+
+
+@dataclass(frozen=True)
+class Probe:
+    ok: bool
+    detail: str  # "HTTP 200", "HTTP 503", "timed out after 2 s", "connection refused"
+
+
+def probe(host: str, port: int, path: str, timeout: float) -> Probe:
+    """One GET; 2xx and 3xx are healthy (the schema's contract)."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"User-Agent": "autodeploy-health", "Connection": "close"})
+        status = conn.getresponse().status
+        return Probe(200 <= status < 400, f"HTTP {status}")
+    except TimeoutError:
+        return Probe(False, f"timed out after {timeout:g} s")
+    except (OSError, http.client.HTTPException) as exc:
+        return Probe(False, f"{type(exc).__name__}: {exc}".rstrip(": "))
+    finally:
+        conn.close()
+
+
+@dataclass
+class _Replacement:
+    deployment: str
+    old: str
+    alive_before: int  # ready + starting when the failing instance was stopped
+
+
+def next_check(last: float, interval_s: float) -> float:
+    return last + interval_s
+
+
+class HealthChecker:
+    def __init__(self, controller: "Controller", clock: Callable[[], float] = time.time,
+                 max_parallel: int = 8) -> None:
+        self.c = controller
+        self.clock = clock
+        self._due: dict[str, float] = {}
+        self._running: set[str] = set()
+        self._pending: list[_Replacement] = []
+        self._pool = ThreadPoolExecutor(max_parallel, thread_name_prefix="health")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="health-checks")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(LOOP_S):
+            try:
+                self.run_once()
+            except Exception:  # noqa: BLE001 - the checker must outlive one bad pass; logged
+                log.exception("health check pass failed")
+
+    def run_once(self) -> None:
+        """Start the checks that are due and the replacements that now fit."""
+        now = self.clock()
+        due: list[tuple[Rec, HealthCheck]] = []
+        with self.c._cv:
+            live: set[str] = set()
+            for rt in self.c.deps.values():
+                hc = rt.spec.load_balancer.health_check
+                for rec in rt.instances.values():
+                    if rec.phase != "ready" or rec.inst is None or hc is None:
+                        continue
+                    live.add(rec.id)
+                    first = next_check(rec.ready_at or now, hc.interval_s)
+                    if rec.id not in self._running and now >= self._due.setdefault(rec.id, first):
+                        self._running.add(rec.id)
+                        due.append((rec, hc))
+            for iid in [i for i in self._due if i not in live and i not in self._running]:
+                del self._due[iid]
+            self._replace(now)
+        for rec, hc in due:
+            self._pool.submit(self._check, rec, hc)
+
+    def _check(self, rec: "Rec", hc: HealthCheck) -> None:
+        try:
+            assert rec.inst is not None
+            result = probe(rec.inst.host, rec.inst.port, hc.path, hc.timeout_s)
+            self._apply(rec, hc, result)
+        finally:
+            with self.c._cv:
+                self._running.discard(rec.id)
+
+    def _apply(self, rec: "Rec", hc: HealthCheck, result: Probe) -> None:
+        c = self.c
+        with c._cv:
+            now = self.clock()
+            self._due[rec.id] = next_check(now, hc.interval_s)
+            if rec.phase != "ready":
+                return  # released or gone while the check ran
+            failures, replace = health_update(rec.health_failures, result.ok, hc.failure_threshold)
+            rec.health_failures = failures
+            check = f"GET {hc.path}: {result.detail}"
+            if result.ok:
+                if rec.unhealthy:
+                    rec.unhealthy = False
+                    c._event(rec.deployment, "healthy", f"{check}; back in routing", rec.id)
+                    c._bump()
+                return
+            if replace:
+                rt = c.deps.get(rec.deployment)
+                alive = 0 if rt is None else sum(1 for r in rt.instances.values() if r.phase in ("ready", "starting"))
+                c._event(rec.deployment, "unhealthy", f"{check}; failed {failures} checks in a row "
+                         f"(failureThreshold {hc.failure_threshold}): replacing it", rec.id)
+                rec.unhealthy = True
+                c._stop(rec, f"replaced after {failures} failed health checks")
+                c._bump()
+                if rt is not None and not rt.removed and rt.spec.state == "running":
+                    self._pending.append(_Replacement(rec.deployment, rec.id, alive))
+                return
+            if not rec.unhealthy:
+                rec.unhealthy = True
+                c._event(rec.deployment, "unhealthy", f"{check}; out of routing "
+                         f"({failures}/{hc.failure_threshold} before it is replaced)", rec.id)
+                c._bump()
+
+    def _replace(self, now: float) -> None:
+        """Start replacements whose failing instance is gone (caller holds the lock)."""
+        keep: list[_Replacement] = []
+        for r in self._pending:
+            rt = self.c.deps.get(r.deployment)
+            if rt is None or rt.removed or rt.spec.state != "running":
+                continue
+            if r.old in rt.instances:
+                keep.append(r)  # still stopping: it holds its slot (and its GPU) until gone
+                continue
+            alive = sum(1 for x in rt.instances.values() if x.phase in ("ready", "starting"))
+            total = sum(1 for x in rt.instances.values() if x.phase not in ("gone", "failed"))
+            if alive >= r.alive_before or total >= rt.spec.scaling.max_replicas:
+                continue  # something else (minReplicas, a cold start) already replaced it
+            if now < rt.backoff_until:
+                keep.append(r)
+                continue
+            try:
+                self.c._start(rt, f"replacing unhealthy instance {r.old}")
+            except AutoDeployError as exc:
+                rt.last_error = exc.message
+                rt.backoff_until = now + restart_backoff(rt.failures + 1)
+                keep.append(r)
+        self._pending = keep

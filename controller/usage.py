@@ -1,0 +1,115 @@
+"""Resource use per instance: CPU and memory from the driver (psutil for local
+processes, the Engine's stats for containers), GPU utilization from NVML.
+
+Sampled in a background thread, never in the reconcile pass or on a request: the
+Engine's stats take a second or two per container. Each instance is sampled by at
+most one pool thread at a time; results land in `Controller.traffic.usage` for the
+autoscaler, the status API and /metrics.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from controller.errors import AutoDeployError
+from controller.spec import Resources
+from controller.traffic import Usage
+
+if TYPE_CHECKING:
+    from controller.core import Controller
+    from controller.drivers.base import Instance
+    from controller.gpus import NvmlGpuSource
+
+log = logging.getLogger("autodeploy.usage")
+
+PERIOD_S = 1.0
+_GIB = 1024 ** 3
+
+
+def usage_of(raw: Mapping[str, float], resources: Resources, gpu_pcts: list[int | None], now: float) -> Usage:
+    """Turn a driver's stats and NVML readings into percentages of the instance's limits.
+
+    `cpu_cores` (local driver) is divided by `resources.cpu` (1 core when unset);
+    `cpu_pct` (docker: already of the container's limit) is taken as is. Memory is a
+    percentage of `memoryGb` unless the driver measured it against a real limit.
+    """
+    cpu: float | None
+    if "cpu_cores" in raw:
+        cpu = 100.0 * raw["cpu_cores"] / (resources.cpu or 1.0)
+    else:
+        cpu = raw.get("cpu_pct")
+    mem_bytes = raw.get("mem_bytes")
+    mem: float | None = raw.get("mem_pct")
+    if mem is None and mem_bytes is not None and resources.memory_gb:
+        mem = 100.0 * mem_bytes / (resources.memory_gb * _GIB)
+    gpus = [g for g in gpu_pcts if g is not None]
+    return Usage(at=now, cpu_pct=cpu, mem_pct=mem, mem_bytes=mem_bytes,
+                 gpu_pct=sum(gpus) / len(gpus) if gpus else None)
+
+
+class UsageSampler:
+    def __init__(self, controller: "Controller", nvml: "NvmlGpuSource | None", period_s: float = PERIOD_S,
+                 clock: Callable[[], float] = time.time, max_parallel: int = 8) -> None:
+        self.c = controller
+        self.nvml = nvml
+        self.period_s = period_s
+        self.clock = clock
+        self._stats: Callable[[Instance], dict[str, float]] | None = getattr(controller.driver, "stats", None)
+        self._running: set[str] = set()
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_parallel, thread_name_prefix="usage")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="usage")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period_s):
+            try:
+                self.run_once()
+            except Exception:  # noqa: BLE001 - sampling must outlive one bad pass; logged
+                log.exception("usage sampling pass failed")
+
+    def run_once(self) -> None:
+        with self.c._cv:
+            targets = [(r.id, r.inst, rt.spec.resources, list(r.gpu_ids))
+                       for rt in self.c.deps.values() for r in rt.instances.values()
+                       if r.phase in ("ready", "draining") and r.inst is not None]
+        for iid, inst, resources, gpu_ids in targets:
+            with self._lock:
+                if iid in self._running:
+                    continue
+                self._running.add(iid)
+            self._pool.submit(self._sample, iid, inst, resources, gpu_ids)
+
+    def _sample(self, iid: str, inst: "Instance", resources: Resources, gpu_ids: list[str]) -> None:
+        try:
+            raw: dict[str, Any] = {}
+            if self._stats is not None:
+                try:
+                    raw = self._stats(inst)
+                except AutoDeployError as exc:
+                    log.debug("no stats for %s: %s", iid, exc.message)
+            gpu: list[int | None] = []
+            if self.nvml is not None:
+                for uuid in gpu_ids:
+                    try:
+                        gpu.append(self.nvml.utilization(uuid))
+                    except Exception as exc:  # noqa: BLE001 - an NVML error loses one reading, logged
+                        log.debug("NVML utilization of %s failed: %s", uuid, exc)
+            usage = usage_of(raw, resources, gpu, self.clock())
+            with self.c._cv:
+                if self.c._find(iid) is not None:
+                    self.c.traffic.set_usage(iid, usage)
+        finally:
+            with self._lock:
+                self._running.discard(iid)
