@@ -52,7 +52,7 @@ class ServeOptions:
     trusted_proxies: tuple[str, ...] = ()  # X-Forwarded-For is believed only from these (CIDRs)
 
 
-def make_driver(name: str, opts: ServeOptions, stack: StackConfig) -> Driver:
+def make_driver(name: str, opts: ServeOptions, stack: StackConfig, store: Store) -> Driver:
     if name == "local":
         from controller.drivers.local import LocalDriver
         return LocalDriver(opts.state_dir, opts.project_dir)
@@ -61,7 +61,9 @@ def make_driver(name: str, opts: ServeOptions, stack: StackConfig) -> Driver:
         return DockerDriver(base_url=stack.docker_host)
     if name == "pulumi":
         from controller.drivers.pulumi import PulumiDriver
-        return PulumiDriver(project_dir=opts.project_dir, stack_name=stack.name)
+        # Stack updates carry many deployments at once: their events go under the stack's name.
+        return PulumiDriver(project_dir=opts.project_dir, stack_name=stack.name,
+                            on_event=lambda kind, msg: store.event(f"stack:{stack.name}", kind, msg))
     raise SystemExit(f"unknown driver {name!r}: use local, docker or pulumi")
 
 
@@ -116,7 +118,7 @@ class Server:
         self.store = Store(opts.state_dir / "autodeploy.db")
         self.inventory = discover_inventory(self.stack)
         self.driver_name = opts.driver or self.stack.driver
-        self.driver = make_driver(self.driver_name, opts, self.stack)
+        self.driver = make_driver(self.driver_name, opts, self.stack, self.store)
         self.controller = Controller(self.driver, self.store, inventory=self.inventory, prices=self.stack.prices,
                                      queue_limit=opts.queue_limit, stop_timeout=opts.stop_timeout)
         self.ipc_path = _socket_path(opts.state_dir)

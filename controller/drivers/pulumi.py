@@ -178,6 +178,7 @@ class _Ticket:
 
 class PulumiDriver:
     name = "pulumi"
+    tcp_accept_means_ready = False  # published ports go through docker-proxy, which accepts first
 
     def __init__(self, project_dir: Path, stack_name: str, *, stack_factory: StackFactory = automation_stack,
                  on_event: EventSink | None = None, clock: Callable[[], float] = time.time,
