@@ -133,8 +133,8 @@ class Operations:
         if self.c.rollouts.owns(name):
             msg += "; a rollout is in progress: it keeps its instance count, the scale applies after it"
         else:
-            alive = sorted((r for r in rt.instances.values() if r.phase in ("starting", "ready")),
-                           key=lambda r: (r.phase == "ready", r.last_activity))
+            # Release what costs least to lose: not yet ready, then fewest in flight, longest idle.
+            alive = [r for r in rt.instances.values() if r.phase in ("starting", "ready")]
             inflight = self.c._inflight()
             extra = sorted(alive, key=lambda r: (r.phase == "ready", inflight.get(r.id, 0), r.last_activity))
             for rec in extra[:max(0, len(alive) - n)]:

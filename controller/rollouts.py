@@ -195,7 +195,9 @@ class RolloutDriver:
 
     def _observe(self, rt: "DepRuntime", run: Run) -> Observed:
         for rec in rt.instances.values():
-            if rec.revision == run.new_revision:
+            # Only live ones: an instance of the target revision already going away (a
+            # rollback to a revision just replaced) is not a failure of this rollout.
+            if rec.revision == run.new_revision and rec.phase in ALIVE:
                 run.seen_new.setdefault(rec.id, rec)
         new = [r for r in run.seen_new.values() if r.revision == run.new_revision]
         failed = [r for r in new if r.phase == "failed"
@@ -230,7 +232,9 @@ class RolloutDriver:
                 what = "new" if isinstance(action, StartNew) else "old"
                 for _ in range(action.n):
                     try:
-                        self.c._start(rt, f"rollout: {what} revision {rt.revision_number}")
+                        rec = self.c._start(rt, f"rollout: {what} revision {rt.revision_number}")
+                        if what == "new":
+                            run.seen_new[rec.id] = rec  # a start that fails at once still counts
                     except AutoDeployError as exc:
                         self.c._event(name, "rollout", f"cannot start a {what} instance now: {exc.message}")
                         break

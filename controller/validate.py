@@ -38,6 +38,10 @@ def run_validate(paths: list[str], out: TextIO, err: TextIO, require_image: bool
         print(error, file=err)
     for d in result.deployments:
         print(f"ok  {d.source_file}:{d.source_line}  {d.name} ({d.model_id}@{d.model_version})", file=out)
+    from controller.renames import rename_notes
+    for file in sorted({d.source_file for d in result.deployments}):
+        for note in rename_notes(Path(file), [d.name for d in result.deployments if d.source_file == file]):
+            print(note, file=out)
     if result.errors:
         bad_files = len({e.file for e in result.errors})
         print(f"{_plural(len(result.errors), 'error')} in {_plural(bad_files, 'file')}", file=err)

@@ -104,7 +104,8 @@ class Proxy:
                                          avoid=frozenset(tried))
             tried.add(target.id)
         set_cookie = None
-        if key.cookie != target.id and self.router.deployment(name).get("sticky"):
+        # Only the algorithm's own picks pin a client: a route rule is a one-off override.
+        if rule is None and key.cookie != target.id and self.router.sticky(name):
             set_cookie = f"{cookie}={target.id}; Path=/d/{name}; HttpOnly; SameSite=Lax"
         return self._response(upstream, target, started, set_cookie)
 

@@ -119,6 +119,10 @@ class Router:
     def known(self, name: str) -> bool:
         return name in self._snapshot["deployments"]
 
+    def sticky(self, name: str) -> bool:
+        """stickySessions of a deployment (False once it is gone from the snapshot)."""
+        return bool(self._snapshot["deployments"].get(name, {}).get("sticky"))
+
     def wait_synced(self, timeout: float) -> bool:
         return self._synced.wait(timeout)
 

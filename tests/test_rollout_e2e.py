@@ -6,9 +6,11 @@ tests see which revision answered. "Failed" means anything but HTTP 200, or no a
 """
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import requests
 
@@ -226,3 +228,25 @@ def test_canary_failing_analysis_rolls_back_and_says_why(serve):
     failed = traffic.failed()
     assert failed and {r[2] for r in failed} == {"2"}
     assert any("rollback: revision 2 rolled back to revision 1: canary step 1/2" in e for e in events(s, "cb"))
+
+
+def test_blue_green_rollback_during_keep_window_switches_back_to_the_kept_set(serve):
+    bg = "rollout: {strategy: blue-green, keepOldFor: 5m}"
+    s, traffic = start_with_traffic(serve, "qr", bg)
+    old_ids = sorted(i["id"] for i in s.instances("qr"))
+    (s.deployments / "qr.yaml").write_text(spec_v("qr", "v2", echo_command(), bg))
+    wait_rollout(s, "qr", ("switched",), 2)
+    out = subprocess.run([str(Path(PY).parent / "autodeploy"), "rollback", "qr",
+                          "--url", s.url], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "qr: rollout to revision 2 rolled back to revision 1"
+    done = rollout(s, "qr")
+    assert done["phase"] == "rolled_back" and done["reason"] == "manual rollback (by operator)"
+    n = len(traffic.snapshot())
+    s.wait_for(lambda: len(traffic.snapshot()) >= n + 30, what="traffic after the rollback")
+    traffic.stop()
+    assert traffic.failed() == []
+    assert {r[2] for r in traffic.snapshot()[n + 10:]} == {"1"}
+    # The kept set took the traffic back: no old instance had to start again.
+    s.wait_for(lambda: sorted(i["id"] for i in s.instances("qr")) == old_ids, what="new set stopped")
+    assert s.status("qr")["drift"]["changes"][0]["runtime"] == 1
