@@ -233,11 +233,11 @@ def test_storage_size_is_applied_or_the_reason_is_noted(driver: DockerDriver, cl
     storage_opt = client.containers.get(inst.container_id).attrs["HostConfig"].get("StorageOpt")
     note = driver.storage_note()
     if note is None:
-        assert storage_opt == {"size": str(GIB)} and inst.id not in driver.notes
+        assert storage_opt == {"size": str(GIB)} and inst.notes == []
     else:
-        assert not storage_opt and driver.notes[inst.id] == note and "storageGb is not enforced" in note
+        assert not storage_opt and inst.notes == [note] and "storageGb is not enforced" in note
     plain = driver.start(_dep("nodisk", image), "pppppppp", [])
-    assert plain.id not in driver.notes  # nothing asked, nothing to say
+    assert plain.notes == []  # nothing asked, nothing to say
 
 
 def test_storage_support_follows_the_engine_storage_driver() -> None:
