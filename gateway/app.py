@@ -6,9 +6,7 @@ import os
 import time
 from typing import Iterator
 
-import urllib3
 from flask import Flask, Response, request
-from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionError, ProtocolError
 
 from controller import errors
 from controller.errors import AutoDeployError
@@ -21,6 +19,7 @@ from gateway.inflight import SharedInflight
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.outliers import CONNECT_FAILED, RESET, retry_allowed
 from gateway.routing import Router, Target
+from gateway.upstream import SMALL_BODY, UpstreamConnectError, UpstreamPool, UpstreamProtocolError, UpstreamResponse
 
 log = logging.getLogger("autodeploy.gateway")
 
@@ -53,18 +52,8 @@ class Proxy:
     def __init__(self, router: Router, connect_timeout: float, read_timeout: float | None,
                  trusted_proxies: tuple[str, ...] = ()) -> None:
         self.router = router
-        self.timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
+        self.pool = UpstreamPool(connect_timeout=connect_timeout, read_timeout=read_timeout)
         self.trusted_proxies = trusted_proxies
-        self._pools: dict[tuple[str, int], urllib3.HTTPConnectionPool] = {}
-
-    def _pool(self, target: Target) -> urllib3.HTTPConnectionPool:
-        key = (target.host, target.port)
-        pool = self._pools.get(key)
-        if pool is None:
-            pool = urllib3.HTTPConnectionPool(target.host, target.port, maxsize=64, block=False,
-                                              timeout=self.timeout, retries=False)
-            self._pools[key] = pool
-        return pool
 
     def forward(self, name: str, path: str) -> Response:
         started = time.monotonic()
@@ -75,26 +64,27 @@ class Proxy:
                                    self.trusted_proxies), request.cookies.get(cookie))
         target = self.router.acquire(name, rule, key)
         headers = self._upstream_headers()
-        body, chunked = self._body()
+        body, length = self._body()
         url = "/" + path + (("?" + request.query_string.decode("latin-1")) if request.query_string else "")
         pinned = rule is not None and rule not in (RANDOM, ROUND_ROBIN, SCALE_OUT)
         attempt, tried = 1, {target.id}
         while True:
             try:
-                upstream = self._send(target, url, headers, body, chunked)
+                upstream = self.pool.request(target.host, target.port, request.method, url, headers, body, length)
                 break
-            except (NewConnectionError, ConnectTimeoutError) as exc:
+            except UpstreamConnectError as exc:
                 # Nothing reached the instance: it died or is being released.
                 self.router.unreachable(target)
                 if pinned:
                     raise AutoDeployError(errors.ROUTE_TARGET_NOT_FOUND, f"instance {target.id} is gone") from None
                 failure, replayable, error = CONNECT_FAILED, True, exc
-            except (HTTPError, OSError) as exc:
+            except OSError as exc:
                 self.router.done(target, ok=False, started=started)
                 if self.router.metrics is not None:
                     self.router.metrics.upstream_failure(name, target.id, "reset")
                 # A reset before any response byte (ProtocolError) may be resent; anything else is final.
-                failure, replayable, error = (RESET if isinstance(exc, ProtocolError) else "other"), body is None, exc
+                reset = isinstance(exc, (UpstreamProtocolError, ConnectionResetError, BrokenPipeError))
+                failure, replayable, error = (RESET if reset else "other"), not isinstance(body, Iterator), exc
             if pinned or not retry_allowed(request.method, failure, replayable, attempt):
                 raise AutoDeployError(errors.UPSTREAM_FAILED, f"{target.id}: {error}") from error
             if self.router.metrics is not None:
@@ -109,36 +99,38 @@ class Proxy:
             set_cookie = f"{cookie}={target.id}; Path=/d/{name}; HttpOnly; SameSite=Lax"
         return self._response(upstream, target, started, set_cookie)
 
-    def _send(self, target: Target, url: str, headers: dict, body: object, chunked: bool) -> urllib3.HTTPResponse:
-        return self._pool(target).urlopen(request.method, url, body=body, headers=headers, chunked=chunked,
-                                          preload_content=False, decode_content=False, redirect=False,
-                                          retries=False, assert_same_host=False)
-
-    def _upstream_headers(self) -> dict[str, str]:
-        drop = _hop_by_hop(request.headers) | {"host", ROUTE_RULE.lower(), "content-length"}
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in drop}
-        if request.content_length is not None:
-            headers["Content-Length"] = str(request.content_length)
+    def _upstream_headers(self) -> list[tuple[str, str]]:
+        drop = _hop_by_hop(request.headers) | {"host", ROUTE_RULE.lower(), "content-length",
+                                               "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in drop]
         prior = request.headers.get("X-Forwarded-For")
         client = request.remote_addr or ""
-        headers["X-Forwarded-For"] = f"{prior}, {client}" if prior else client
-        headers["X-Forwarded-Proto"] = request.headers.get("X-Forwarded-Proto", request.scheme)
-        headers["X-Forwarded-Host"] = request.headers.get("X-Forwarded-Host", request.host)
+        headers.append(("X-Forwarded-For", f"{prior}, {client}" if prior else client))
+        headers.append(("X-Forwarded-Proto", request.headers.get("X-Forwarded-Proto", request.scheme)))
+        headers.append(("X-Forwarded-Host", request.headers.get("X-Forwarded-Host", request.host)))
         return headers
 
-    def _body(self) -> tuple[object, bool]:
-        """The request body as a stream: never buffered, whatever its size."""
-        if request.content_length is not None:
-            return (request.stream if request.content_length else None), False
+    def _body(self) -> tuple[bytes | Iterator[bytes] | None, int | None]:
+        """The request body and its length: small bodies as bytes (so a request can be
+        resent), anything larger or chunked as a stream, never buffered whole."""
+        length = request.content_length
+        if length is not None:
+            if length == 0:
+                return None, None
+            if length <= SMALL_BODY:
+                return request.stream.read(length), length
+            stream = request.stream
+            return iter(lambda: stream.read(CHUNK), b""), length
         if "chunked" in (request.headers.get("Transfer-Encoding") or "").lower():
             stream = request.environ["wsgi.input"]
-            return iter(lambda: stream.read(CHUNK), b""), True
-        return None, False
+            return iter(lambda: stream.read(CHUNK), b""), None
+        return None, None
 
-    def _response(self, upstream: urllib3.HTTPResponse, target: Target, started: float,
+    def _response(self, upstream: UpstreamResponse, target: Target, started: float,
                   set_cookie: str | None = None) -> Response:
-        drop = _hop_by_hop(upstream.headers)
-        headers = [(k, v) for k, v in upstream.headers.items() if k.lower() not in drop]
+        lookup = {k.lower(): v for k, v in upstream.headers}
+        drop = HOP_BY_HOP | {t.strip().lower() for t in lookup.get("connection", "").split(",") if t.strip()}
+        headers = [(k, v) for k, v in upstream.headers if k.lower() not in drop]
         headers.append((ROUTE_TARGET, target.id))
         headers.append(("Deploy-Revision", str(target.revision)))
         if set_cookie is not None:
@@ -146,30 +138,30 @@ class Proxy:
         router = self.router
         status = upstream.status
 
+        if upstream.no_body or (upstream.length is not None and upstream.length <= SMALL_BODY):
+            # Small answers are read whole: one write to the client, no generator to drive.
+            ok = False
+            try:
+                body = upstream.read_all()
+                ok = status < 500
+            except OSError as exc:
+                raise AutoDeployError(errors.UPSTREAM_FAILED, f"{target.id}: {exc}") from exc
+            finally:
+                router.done(target, ok=ok, status=status, started=started)
+            return Response(body, status=status, headers=headers, direct_passthrough=True)
+
         def stream() -> Iterator[bytes]:
             ok = False
             try:
-                if upstream.chunked:
-                    yield from upstream.read_chunked(decode_content=False)
-                else:
-                    while True:
-                        data = upstream.read1(CHUNK)
-                        if not data:
-                            break
-                        yield data
-                ok = upstream.status < 500
-            except (ProtocolError, OSError) as exc:
+                yield from upstream.stream()
+                ok = status < 500
+            except OSError as exc:
                 log.warning("upstream %s broke mid-response: %s", target.id, exc)
             finally:
-                upstream.release_conn()
+                upstream.release()
                 router.done(target, ok=ok, status=status, started=started)
 
-        body = b"" if request.method == "HEAD" else stream()
-        if request.method == "HEAD":
-            upstream.release_conn()
-            router.done(target, ok=status < 500, status=status, started=started)
-        resp = Response(body, status=upstream.status, headers=headers, direct_passthrough=True)
-        return resp
+        return Response(stream(), status=status, headers=headers, direct_passthrough=True)
 
 
 def create_app(ipc_path: str | None = None, counters_path: str | None = None) -> Flask:
