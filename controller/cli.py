@@ -54,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stack", default="dev")
     p.add_argument("--project-dir", type=Path, default=Path("."))
 
+    p = sub.add_parser("gateway-static", help="the gateway alone, routing to fixed instances (Pulumi's gateway container)")
+    p.add_argument("--bind", default=os.environ.get("AUTODEPLOY_GATEWAY_BIND", "0.0.0.0:8080"),
+                   help="address to listen on (default $AUTODEPLOY_GATEWAY_BIND or 0.0.0.0:8080)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=64)
+
     p = sub.add_parser("logs", help="an instance's output")
     p.add_argument("name")
     p.add_argument("--instance", help="instance id (default: the newest)")
@@ -157,13 +163,26 @@ def cmd_gpus(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gateway_static(args: argparse.Namespace) -> int:
+    """Routes from AUTODEPLOY_ROUTES (written by the Pulumi program); checks them before serving."""
+    import tempfile
+    from gateway.static import StaticControlPlane
+    StaticControlPlane.from_env()  # a bad AUTODEPLOY_ROUTES fails here, with its code, not in every worker
+    state = tempfile.mkdtemp(prefix="autodeploy-gateway-")
+    env = dict(os.environ, AUTODEPLOY_COUNTERS=os.path.join(state, "counters.bin"))
+    cmd = [sys.executable, "-m", "gunicorn", "gateway.static_wsgi:app", "--bind", args.bind, "--workers",
+           str(args.workers), "--worker-class", "gthread", "--threads", str(args.threads), "--keep-alive", "75"]
+    os.execve(sys.executable, cmd, env)
+    return 0
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
     from controller.logs import show_logs
     return show_logs(args.state_dir.resolve(), args.name, args.instance, args.follow, args.lines, sys.stdout)
 
 
 COMMANDS = {"validate": cmd_validate, "serve": cmd_serve, "status": cmd_status, "gpus": cmd_gpus,
-            "logs": cmd_logs}
+            "logs": cmd_logs, "gateway-static": cmd_gateway_static}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -164,13 +164,14 @@ class Proxy:
         return Response(stream(), status=status, headers=headers, direct_passthrough=True)
 
 
-def create_app(ipc_path: str | None = None, counters_path: str | None = None) -> Flask:
-    ipc_path = ipc_path or os.environ["AUTODEPLOY_IPC"]
+def create_app(ipc_path: str | None = None, counters_path: str | None = None, control: object | None = None) -> Flask:
+    """`control` answers the IPC calls (sync, acquire, status, ...): the controller's socket by
+    default, or `gateway.static.StaticControlPlane` for the gateway container of a Pulumi stack."""
     counters_path = counters_path or os.environ["AUTODEPLOY_COUNTERS"]
     acquire_timeout = float(os.environ.get("AUTODEPLOY_QUEUE_TIMEOUT", "300"))
     inflight_path = os.environ.get("AUTODEPLOY_INFLIGHT") or counters_path + ".inflight"
     trusted = tuple(t for t in os.environ.get("AUTODEPLOY_TRUSTED_PROXIES", "").split(",") if t.strip())
-    ipc = IpcClient(ipc_path)
+    ipc = control if control is not None else IpcClient(ipc_path or os.environ["AUTODEPLOY_IPC"])
     metrics = GatewayMetrics()
     router = Router(ipc, SharedCounters(counters_path), acquire_timeout, SharedInflight(inflight_path), metrics)
     proxy = Proxy(router, connect_timeout=5.0, read_timeout=None, trusted_proxies=trusted)

@@ -1,0 +1,105 @@
+"""The gateway without a controller: what the Pulumi program runs as the gateway container.
+
+The stack fixes the instances (`autodeploy:replicas`), so this gateway routes to the
+addresses the program wrote into AUTODEPLOY_ROUTES and starts nothing: a request that
+would need a new instance (cold start, `scale-out`) gets a coded error saying how to
+change the stack. Routing rules, balancing, sticky sessions, retries and metrics are the
+same code as under `autodeploy serve`: `StaticControlPlane` answers the calls the
+gateway otherwise sends to the controller.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from typing import Any
+
+from controller import errors
+from controller.errors import AutoDeployError
+from controller.policy.capacity import RANDOM, ROUND_ROBIN, SCALE_OUT
+
+FIXED = "instances are fixed by the Pulumi stack: change autodeploy:replicas and run `pulumi up`"
+
+
+def parse_routes(routes: dict[str, Any]) -> dict[str, Any]:
+    """AUTODEPLOY_ROUTES (see controller.pulumi_program.gateway_routes) as a routing snapshot."""
+    if routes.get("version") != 1 or not isinstance(routes.get("deployments"), dict):
+        raise AutoDeployError(errors.SPEC_INVALID, "AUTODEPLOY_ROUTES must be {\"version\": 1, \"deployments\": {...}}")
+    deps = {}
+    for slot, (name, dep) in enumerate(sorted(routes["deployments"].items())):
+        ready = []
+        for n, inst in enumerate(dep.get("instances", [])):
+            host, _, port = str(inst["address"]).rpartition(":")
+            ready.append({"id": inst["id"], "host": host, "port": int(port), "revision": 1, "deployment": name,
+                          "slot": slot * 64 + n})
+        deps[name] = {"state": dep.get("state", "running"), "algorithm": dep.get("algorithm", "round-robin"),
+                      "sticky": bool(dep.get("stickySessions")), "rr_slot": slot, "revision": 1, "split": None,
+                      "ready": ready if dep.get("state", "running") == "running" else []}
+    return {"version": 1, "deployments": deps}
+
+
+class StaticControlPlane:
+    """Answers the gateway's control calls (the `IpcClient.call` interface) from fixed routes."""
+
+    def __init__(self, routes: dict[str, Any]) -> None:
+        self.snapshot = parse_routes(routes)
+        self._idle = threading.Event()
+
+    @classmethod
+    def from_env(cls) -> "StaticControlPlane":
+        raw = os.environ.get("AUTODEPLOY_ROUTES")
+        if not raw:
+            raise AutoDeployError(errors.SPEC_INVALID, "AUTODEPLOY_ROUTES is not set; the Pulumi program sets it")
+        return cls(json.loads(raw))
+
+    def call(self, op: str, **kw: Any) -> dict:
+        if op == "sync":
+            if int(kw.get("version", 0)) != self.snapshot["version"]:
+                return {"version": self.snapshot["version"], "snapshot": self.snapshot}
+            self._idle.wait(float(kw.get("wait", 0)))  # nothing ever changes: behave like a long poll
+            return {"version": self.snapshot["version"]}
+        if op == "acquire":
+            return {"instance": self._acquire(kw["deployment"], kw.get("rule"))}
+        if op == "status":
+            return {"status": self._status(kw.get("name"))}
+        if op == "unreachable":
+            return {}
+        raise AutoDeployError(errors.BAD_REQUEST, f"the static gateway has no {op!r}: {FIXED}")
+
+    def _dep(self, name: str) -> dict:
+        dep = self.snapshot["deployments"].get(name)
+        if dep is None:
+            raise AutoDeployError(errors.UNKNOWN_DEPLOYMENT, f"no deployment named {name!r}")
+        if dep["state"] == "stopped":
+            raise AutoDeployError(errors.DEPLOYMENT_STOPPED, f"{name} is stopped")
+        return dep
+
+    def _acquire(self, name: str, rule: str | None) -> dict:
+        dep = self._dep(name)
+        if rule == SCALE_OUT:
+            raise AutoDeployError(errors.REPLICA_QUOTA_EXCEEDED, FIXED)
+        if rule not in (None, RANDOM, ROUND_ROBIN):
+            found = [r for r in dep["ready"] if r["id"] == rule]
+            if not found:
+                raise AutoDeployError(errors.ROUTE_TARGET_NOT_FOUND, f"no instance {rule!r} in this deployment")
+            return found[0]
+        if not dep["ready"]:
+            raise AutoDeployError(errors.ROUTE_TARGET_NOT_FOUND, f"{name} has no instances; {FIXED}")
+        return dep["ready"][0]
+
+    def _status(self, name: str | None) -> dict:
+        def one(n: str, dep: dict) -> dict:
+            return {"name": n, "state": dep["state"], "status": "Running" if dep["ready"] else "Standby",
+                    "endpoint": f"/d/{n}/", "instances": [{"id": r["id"], "state": "ready", "host": r["host"],
+                                                           "port": r["port"]} for r in dep["ready"]]}
+        deps = self.snapshot["deployments"]
+        if name is not None:
+            if name not in deps:
+                raise AutoDeployError(errors.UNKNOWN_DEPLOYMENT, f"no deployment named {name!r}")
+            return one(name, deps[name])
+        return {"deployments": [one(n, d) for n, d in sorted(deps.items())], "errors": [], "driver": "static",
+                "at": time.time()}
+
+    def close(self) -> None:
+        self._idle.set()
