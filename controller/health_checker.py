@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import http.client
 import logging
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
+from controller.background import PeriodicPass
 from controller.errors import AutoDeployError
 from controller.policy.balance import health_update
 from controller.policy.capacity import restart_backoff
@@ -65,33 +64,17 @@ def next_check(last: float, interval_s: float) -> float:
     return last + interval_s
 
 
-class HealthChecker:
+class HealthChecker(PeriodicPass):
+    name = "health"
+
     def __init__(self, controller: "Controller", clock: Callable[[], float] = time.time,
                  max_parallel: int = 8) -> None:
+        super().__init__(LOOP_S, max_parallel)
         self.c = controller
         self.clock = clock
         self._due: dict[str, float] = {}
         self._running: set[str] = set()
         self._pending: list[_Replacement] = []
-        self._pool = ThreadPoolExecutor(max_parallel, thread_name_prefix="health")
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="health-checks")
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.ident is not None:  # started
-            self._thread.join(timeout=5)
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(LOOP_S):
-            try:
-                self.run_once()
-            except Exception:  # noqa: BLE001 - the checker must outlive one bad pass; logged
-                log.exception("health check pass failed")
 
     def run_once(self) -> None:
         """Start the checks that are due and the replacements that now fit."""

@@ -24,7 +24,7 @@ from controller.spec import Deployment
 from controller.store import RevisionRow
 
 if TYPE_CHECKING:
-    from controller.core import Controller, DepRuntime
+    from controller.core import Controller
 
 WRITE_ACTIONS = ("scale", "stop", "start", "delete", "rollback")
 READ_ACTIONS = ("history", "rollout", "drift")

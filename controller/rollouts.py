@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from controller.errors import AutoDeployError
 from controller.latency import add_hist, percentile
 from controller.policy import edits
-from controller.policy.rollout import (TERMINAL, Action, Done, Observed, RevisionStats, RolloutSpec,
+from controller.policy.rollout import (Action, Done, Observed, RevisionStats, RolloutSpec,
                                        RolloutState, SetWeights, StartNew, StartOld, StopNew, StopOld, abort, step)
 from controller.spec import Deployment
 

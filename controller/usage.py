@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from controller.background import PeriodicPass
 from controller.errors import AutoDeployError
 from controller.spec import Resources
 from controller.traffic import Usage
@@ -50,35 +50,18 @@ def usage_of(raw: Mapping[str, float], resources: Resources, gpu_pcts: list[int 
                  gpu_pct=sum(gpus) / len(gpus) if gpus else None)
 
 
-class UsageSampler:
+class UsageSampler(PeriodicPass):
+    name = "usage"
+
     def __init__(self, controller: "Controller", nvml: "NvmlGpuSource | None", period_s: float = PERIOD_S,
                  clock: Callable[[], float] = time.time, max_parallel: int = 8) -> None:
+        super().__init__(period_s, max_parallel)
         self.c = controller
         self.nvml = nvml
-        self.period_s = period_s
         self.clock = clock
         self._stats: Callable[[Instance], dict[str, float]] | None = getattr(controller.driver, "stats", None)
         self._running: set[str] = set()
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_parallel, thread_name_prefix="usage")
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="usage")
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.ident is not None:  # started
-            self._thread.join(timeout=5)
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.period_s):
-            try:
-                self.run_once()
-            except Exception:  # noqa: BLE001 - sampling must outlive one bad pass; logged
-                log.exception("usage sampling pass failed")
 
     def run_once(self) -> None:
         with self.c._cv:

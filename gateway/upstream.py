@@ -57,13 +57,7 @@ class UpstreamPool:
                 conn = idle.pop()
                 conn.reused = True
                 return conn
-        try:
-            sock = socket.create_connection(key, timeout=self.connect_timeout)
-        except OSError as exc:
-            raise UpstreamConnectError(f"connect to {key[0]}:{key[1]} failed: {exc}") from exc
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(self.read_timeout)
-        return _Conn(sock)
+        return self._fresh(key)
 
     def _checkin(self, key: tuple[str, int], conn: _Conn) -> None:
         with self._lock:
