@@ -26,6 +26,7 @@ class Usage:
     mem_pct: float | None = None  # of its memory limit (resources.memoryGb)
     mem_bytes: float | None = None
     gpu_pct: float | None = None  # NVML utilization of its GPUs, averaged
+    gpu_mem_mb: float | None = None  # GPU memory its processes hold, summed over its GPUs
 
 
 def _mean(values: Iterable[float | None]) -> float | None:
@@ -82,7 +83,8 @@ class Traffic:
                     "cpu_pct": None if u is None or u.cpu_pct is None else round(u.cpu_pct, 2),
                     "mem_pct": None if u is None or u.mem_pct is None else round(u.mem_pct, 2),
                     "mem_bytes": None if u is None else u.mem_bytes,
-                    "gpu_pct": None if u is None else u.gpu_pct})
+                    "gpu_pct": None if u is None else u.gpu_pct,
+                    "gpu_mem_mb": None if u is None else u.gpu_mem_mb})
         return out
 
     def deployment_metrics(self, name: str, instance_ids: list[str], in_flight: int,

@@ -11,7 +11,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+import psutil
 
 from controller.background import PeriodicPass
 from controller.errors import AutoDeployError
@@ -75,6 +78,19 @@ class UsageSampler(PeriodicPass):
                 self._running.add(iid)
             self._pool.submit(self._sample, iid, inst, resources, gpu_ids)
 
+    def _gpu_memory(self, pid: int, gpu_ids: list[str]) -> float | None:
+        """MiB of its GPUs that the instance's process tree holds (NVML lists the process
+        that opened the device, usually a child of the shell the local driver starts)."""
+        assert self.nvml is not None
+        try:
+            pids = [pid, *(p.pid for p in psutil.Process(pid).children(recursive=True))]
+            used = self.nvml.process_usage(*pids)
+        except Exception as exc:  # noqa: BLE001 - psutil or NVML errors lose one reading, logged
+            log.debug("GPU memory of pid %s unknown: %s", pid, exc)
+            return None
+        values = [v for uuid, v in used.items() if uuid in gpu_ids and v is not None]
+        return float(sum(values)) if values else None
+
     def _sample(self, iid: str, inst: "Instance", resources: Resources, gpu_ids: list[str]) -> None:
         try:
             raw: dict[str, Any] = {}
@@ -91,6 +107,8 @@ class UsageSampler(PeriodicPass):
                     except Exception as exc:  # noqa: BLE001 - an NVML error loses one reading, logged
                         log.debug("NVML utilization of %s failed: %s", uuid, exc)
             usage = usage_of(raw, resources, gpu, self.clock())
+            if self.nvml is not None and gpu_ids and inst.pid is not None:
+                usage = replace(usage, gpu_mem_mb=self._gpu_memory(inst.pid, gpu_ids))
             with self.c._cv:
                 if self.c._find(iid) is not None:
                     self.c.traffic.set_usage(iid, usage)

@@ -352,3 +352,18 @@ def test_sigint_stops_like_sigterm(serve):
     pid = s.instances("hello") or s.get("/d/hello/whoami").json()["pid"]
     assert s.terminate(signal.SIGINT) == 0
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_logs_command_shows_a_local_instance_output(serve):
+    import subprocess
+    import sys
+    from pathlib import Path
+    s = serve({"hello.yaml": deployment_yaml("hello")})
+    iid = s.get("/d/hello/whoami").headers[TARGET]
+    exe = str(Path(sys.executable).parent / "autodeploy")
+    out = subprocess.run([exe, "logs", "hello", "--instance", iid, "--state-dir", str(s.state_dir)],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and f"echo model {iid} listening" in out.stdout
+    missing = subprocess.run([exe, "logs", "nothere", "--state-dir", str(s.state_dir)],
+                             capture_output=True, text=True, timeout=30)
+    assert missing.returncode == 1 and "no logs for nothere" in missing.stdout

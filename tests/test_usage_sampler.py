@@ -4,6 +4,8 @@ and the numbers land in the controller's traffic store as percentages."""
 from __future__ import annotations
 
 import time
+
+import psutil
 from pathlib import Path
 
 from conftest import ROOT, deployment_yaml, echo_command
@@ -14,7 +16,7 @@ from controller.loader import load_text
 from controller.stack import Prices
 from controller.store import Store
 from controller.usage import UsageSampler
-from fakes import FakeDevice, FakeNvml
+from fakes import FakeDevice, FakeGpuProcess, FakeNvml
 
 UUID = "GPU-11111111-2222-3333-4444-555555555555"
 
@@ -28,10 +30,14 @@ def test_sampler_reads_cpu_memory_and_gpu_use_of_a_running_instance(tmp_path: Pa
     controller = Controller(driver, Store(tmp_path / "db.sqlite"), prices=Prices(default_gpu=1.0),
                             inventory=Inventory([Gpu(0, UUID, "NVIDIA H100 80GB HBM3", 81559)], "nvml"))
     controller.apply(result)
-    nvml = NvmlGpuSource(FakeNvml([FakeDevice(UUID, "NVIDIA H100 80GB HBM3", 81559, utilization_pct=73)]))
+    device = FakeDevice(UUID, "NVIDIA H100 80GB HBM3", 81559, utilization_pct=73)
+    nvml = NvmlGpuSource(FakeNvml([device]))
     sampler = UsageSampler(controller, nvml)
     try:
         iid = controller.acquire("busy", None, timeout=30)["id"]
+        shell = controller.status("busy")["instances"][0]["pid"]
+        model_pid = psutil.Process(shell).children()[0].pid  # NVML lists the process under the shell
+        device.processes.append(FakeGpuProcess(model_pid, 1234))
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             sampler.run_once()  # the first psutil reading is a baseline; the next ones measure
@@ -46,6 +52,7 @@ def test_sampler_reads_cpu_memory_and_gpu_use_of_a_running_instance(tmp_path: Pa
         assert usage.mem_pct is not None and 0 < usage.mem_pct < 100  # of memoryGb 1
         metrics = controller.status("busy")["instances"][0]["metrics"]
         assert metrics["gpu_pct"] == 73.0 and metrics["mem_bytes"] == usage.mem_bytes
+        assert usage.gpu_mem_mb == 1234.0 and metrics["gpu_mem_mb"] == 1234.0
     finally:
         sampler.stop()
         controller.shutdown()
