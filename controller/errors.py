@@ -48,6 +48,8 @@ REPLICAS_OUT_OF_RANGE = ErrorCode(1018, 422, "replicas out of range",
                                   "in the file.")
 UNKNOWN_ACTION = ErrorCode(1019, 404, "unknown deployment action",
                            "Use scale, stop, start, delete, rollback (POST) or history, rollout, drift (GET).")
+NO_SUCH_PATH = ErrorCode(1020, 404, "no such path on the gateway",
+                         "Deployments are served under /d/<name>/, the API under /api/deployments.")
 
 ALL: tuple[ErrorCode, ...] = tuple(v for v in list(globals().values()) if isinstance(v, ErrorCode))
 BY_CODE: dict[int, ErrorCode] = {e.code: e for e in ALL}

@@ -221,8 +221,8 @@ def create_app(ipc_path: str | None = None, counters_path: str | None = None, co
 
     @app.errorhandler(404)
     def _not_found(_exc: Exception) -> Response:
-        return error_response(AutoDeployError(errors.BAD_REQUEST, f"no route {request.path}; deployments are"
-                                              " served under /d/<name>/ and the API under /api/deployments"))
+        return error_response(AutoDeployError(errors.NO_SUCH_PATH, f"{request.path}; deployments are served"
+                                              " under /d/<name>/ and the API under /api/deployments"))
 
     return app
 

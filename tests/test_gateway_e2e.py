@@ -367,3 +367,10 @@ def test_logs_command_shows_a_local_instance_output(serve):
     missing = subprocess.run([exe, "logs", "nothere", "--state-dir", str(s.state_dir)],
                              capture_output=True, text=True, timeout=30)
     assert missing.returncode == 1 and "no logs for nothere" in missing.stdout
+
+
+def test_unknown_gateway_path_answers_a_coded_404(serve):
+    s = serve({"hello.yaml": deployment_yaml("hello")})
+    r = s.get("/nowhere")
+    assert (r.status_code, r.json()["code"]) == (404, 1020)
+    assert "/d/<name>/" in r.json()["msg"]
