@@ -4,7 +4,6 @@ from __future__ import annotations
 import http.client
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -14,15 +13,11 @@ from pathlib import Path
 
 import requests
 
+from controller.drivers.local import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 ECHO = ROOT / "deployments" / "models" / "echo_model.py"
 PY = sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def percentile(values: list[float], p: float) -> float:

@@ -137,6 +137,16 @@ def _as_slot(value: Any, what: str) -> int:
     return value
 
 
+def _json_config(raw: Any, key: str) -> Any:
+    """A structured config value, which `pulumi config set` may have stored as a JSON string."""
+    if not isinstance(raw, str):
+        return raw
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise AutoDeployError(SPEC_INVALID, f"{NAMESPACE}:{key} is not valid JSON ({exc.msg})") from None
+
+
 def parse_replicas(raw: Any) -> dict[str, tuple[int, ...]]:
     """The `replicas` config in either form -> deployment -> sorted slot numbers.
 
@@ -144,13 +154,9 @@ def parse_replicas(raw: Any) -> dict[str, tuple[int, ...]]:
     form is what the pulumi driver writes, so that stopping a middle instance removes
     that container and leaves the others (and their GPUs) alone.
     """
+    raw = _json_config(raw, "replicas")
     if raw is None:
         return {}
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise AutoDeployError(SPEC_INVALID, f"{NAMESPACE}:replicas is not valid JSON ({exc.msg})") from None
     if not isinstance(raw, Mapping):
         raise AutoDeployError(SPEC_INVALID, f"{NAMESPACE}:replicas must map deployment name to a count "
                                             f"or a list of slot numbers, got {raw!r}")
@@ -167,13 +173,9 @@ def parse_replicas(raw: Any) -> dict[str, tuple[int, ...]]:
 
 
 def parse_pins(raw: Any) -> dict[str, tuple[str, ...]]:
+    raw = _json_config(raw, "pins")
     if raw is None:
         return {}
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise AutoDeployError(SPEC_INVALID, f"{NAMESPACE}:pins is not valid JSON ({exc.msg})") from None
     if not isinstance(raw, Mapping) or not all(isinstance(v, (list, tuple)) for v in raw.values()):
         raise AutoDeployError(SPEC_INVALID, f"{NAMESPACE}:pins must map slot (<deployment>-<n>) to a list "
                                             f"of GPU uuids, got {raw!r}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,15 +16,11 @@ import psutil
 import pytest
 import requests
 
+from controller.drivers.local import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 ECHO_MODEL = ROOT / "deployments" / "models" / "echo_model.py"
 PY = sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def echo_command(*extra: str) -> str:
