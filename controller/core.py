@@ -14,13 +14,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import yaml
+
 from controller import errors
 from controller.drivers.base import Driver, Instance
 from controller.autoscaler import Autoscaler
 from controller.errors import AutoDeployError
 from controller.health import is_ready
 from controller.ids import new_instance_id
-from controller.loader import LoadResult, SpecError
+from controller.loader import LoadResult, SpecError, load_text
 from controller.operations import Operations
 from controller.policy.autoscale import idle_instances
 from controller.policy.capacity import Capacity, decide_acquire, readiness_poll_interval, restart_backoff
@@ -495,18 +497,27 @@ class Controller:
     def adopt_stored(self) -> None:
         """Re-attach to instances a previous `serve` left running; book the rest as gone."""
         now = self.clock()
+        resume: dict[str, tuple[Deployment, int]] = {}
         for stored in self.store.instances(driver=self.driver.name):
             inst = stored.instance
             rt = self.deps.get(inst.deployment)
             alive = self.driver.adopt(inst)
-            if alive and rt is not None and not rt.removed and inst.revision == rt.spec.revision:
+            # An instance of an earlier revision means a rollout was under way when the last
+            # controller stopped: keep it serving and roll it again from here.
+            earlier = None
+            if alive and rt is not None and not rt.removed and inst.revision != rt.spec.revision \
+                    and rt.spec.state == "running":
+                earlier = resume.get(rt.spec.name) or self._stored_spec(rt.spec.name, inst.revision)
+            if alive and rt is not None and not rt.removed and (inst.revision == rt.spec.revision or earlier):
                 health = rt.spec.load_balancer.health_check
                 if is_ready(inst.host, inst.port, health.path if health else None,
                             tcp_is_enough=self.driver.tcp_accept_means_ready):
+                    if earlier is not None:
+                        resume[rt.spec.name] = earlier
                     with self._cv:
                         rec = Rec(id=inst.id, deployment=inst.deployment, revision=inst.revision, phase="ready",
                                   created=inst.started_at, inst=inst, ready_at=now, last_activity=now,
-                                  number=rt.revision_number,
+                                  number=earlier[1] if earlier else rt.revision_number,
                                   gpu_ids=list(inst.gpu_ids))
                         rt.instances[rec.id] = rec
                         self.store.set_phase(rec.id, "ready")
@@ -521,6 +532,11 @@ class Controller:
                 why = "process is gone"
             self._event(inst.deployment, "lost", f"stored instance not adopted: {why}", inst.id)
             self.store.remove_instance(inst.id, now)
+        with self._cv:
+            for name, (stable, number) in resume.items():
+                rt = self.deps[name]
+                self.rollouts.begin(rt, stable, number, "rollout", rt.spec.rollout.strategy,
+                                    "resumed after a controller restart", now)
         known = {s.instance.id for s in self.store.instances()}
         for inst in self.driver.discover():
             if inst.id not in known:
@@ -528,6 +544,16 @@ class Controller:
                             " carries our labels but is not in the store: left running, not adopted", inst.id)
         with self._cv:
             self._bump()
+
+    def _stored_spec(self, name: str, revision: str) -> tuple[Deployment, int] | None:
+        """The applied spec with this content hash, rebuilt from the store, and its number."""
+        for row in reversed(self.store.revisions(name)):
+            if row.revision != revision:
+                continue
+            loaded = load_text(yaml.safe_dump(row.content, sort_keys=False), row.source_file)
+            if loaded.deployments and loaded.deployments[0].revision == revision:
+                return loaded.deployments[0], row.number
+        return None
 
     # ------------------------------------------------------------------ operations
     def action(self, name: str, action: str, args: dict) -> dict:

@@ -250,3 +250,24 @@ def test_blue_green_rollback_during_keep_window_switches_back_to_the_kept_set(se
     # The kept set took the traffic back: no old instance had to start again.
     s.wait_for(lambda: sorted(i["id"] for i in s.instances("qr")) == old_ids, what="new set stopped")
     assert s.status("qr")["drift"]["changes"][0]["runtime"] == 1
+
+
+def test_rollout_cut_by_a_controller_crash_resumes_on_restart_with_old_instances_serving(serve):
+    import signal
+    roll = "rollout: {strategy: rolling}"
+    s = serve({"resume.yaml": spec_v("resume", "v1", echo_command(), roll)})
+    s.wait_for(lambda: s.status("resume")["replicas"]["ready"] == 2, what="initial instances ready")
+    old = {i["id"] for i in s.instances("resume")}
+    (s.deployments / "resume.yaml").write_text(spec_v("resume", "v2", echo_command("--load-seconds 3"), roll))
+    wait_rollout(s, "resume", ("progressing",), 2)
+    s.terminate(signal.SIGKILL)  # the controller dies mid-rollout; its instances keep running
+    s2 = serve({}, state_dir=s.state_dir)
+    adopted = {i["id"]: i["revision_number"] for i in s2.instances("resume")}
+    assert old <= set(adopted) and all(adopted[i] == 1 for i in old)  # the old set kept serving
+    first = s2.get("/d/resume/whoami")
+    assert first.status_code == 200 and first.headers["Deploy-Revision"] == "1"
+    done = wait_rollout(s2, "resume", ("succeeded", "rolled_back"), 2)
+    assert done["phase"] == "succeeded", done
+    assert any("resumed after a controller restart" in e for e in events(s2, "resume"))
+    s2.wait_for(lambda: all(i["revision_number"] == 2 for i in s2.instances("resume")), what="old set replaced")
+    assert s2.get("/d/resume/whoami").headers["Deploy-Revision"] == "2"
