@@ -22,7 +22,8 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from controller.errors import AutoDeployError
-from controller.policy.autoscale import Sample, ScaleDecision, ScaleState, decide
+from controller.policy.autoscale import (DrainCandidate, Sample, ScaleDecision, ScaleState, decide,
+                                        scale_down_choice)
 from controller.policy.capacity import restart_backoff
 from controller.spec import Autoscaling
 
@@ -139,10 +140,9 @@ class Autoscaler:
     def _shrink(self, c: "Controller", rt: "DepRuntime", current: list["Rec"], d: ScaleDecision,
                 inflight: dict[str, int]) -> None:
         # Only ready instances are drained: one still starting may not have its process yet.
-        ready = [r for r in current if r.phase == "ready"]
-        # Unhealthy first, then the least busy, newest first (the oldest have the warmest caches).
-        ready.sort(key=lambda r: (not r.unhealthy, inflight.get(r.id, 0), -r.created))
-        victims = ready[:len(current) - d.replicas]
+        ready = [DrainCandidate(r.id, r.unhealthy, inflight.get(r.id, 0), r.created)
+                 for r in current if r.phase == "ready"]
+        victims = [rt.instances[i] for i in scale_down_choice(ready, len(current) - d.replicas)]
         if not victims:
             return
         c._event(rt.spec.name, "autoscale", f"{len(current)} -> {len(current) - len(victims)}: {d.reason}")

@@ -47,6 +47,17 @@ def deployment_yaml(name: str, command: str | None = None, *, min_replicas: int 
     return text
 
 
+def wait_until(predicate, what: str, timeout: float = 20.0, interval: float = 0.005):
+    """Synchronisation only: how long it takes is never asserted."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 @dataclass
 class Served:
     proc: subprocess.Popen
@@ -72,13 +83,10 @@ class Served:
         return self.log_path.read_text(errors="replace")
 
     def wait_for(self, predicate, timeout: float = 15.0, what: str = "condition"):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}; serve log:\n{self.log()[-4000:]}")
+        try:
+            return wait_until(predicate, what, timeout, interval=0.05)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; serve log:\n{self.log()[-4000:]}") from None
 
     def descendants(self) -> list[psutil.Process]:
         try:

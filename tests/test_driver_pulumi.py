@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import re
 import threading
-import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
+
+from conftest import wait_until
 from pulumi.automation import ConfigValue
 
 from controller.drivers.base import Instance
@@ -33,17 +34,6 @@ def dep(name: str = "hello", gpus: int = 0, min_replicas: int = 0) -> Deployment
 
 def h100s(n: int) -> Inventory:
     return Inventory([Gpu(i, f"GPU-{i}", H100, 81559) for i in range(n)], "test")
-
-
-def wait_until(predicate: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
-    # Synchronisation only: how long it takes is never asserted.
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.005)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Harness:

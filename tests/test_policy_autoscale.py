@@ -345,3 +345,11 @@ def test_idle_instances_waits_for_the_full_timeout():
 def test_idle_instances_counts_instances_without_activity_towards_keep():
     # "new" has no recorded activity yet: never released, but it is an instance.
     assert idle_instances({"old": 0.0}, {"new": 0}, 300, 600, keep=1) == ["old"]
+
+
+def test_scale_down_drains_unhealthy_then_least_busy_then_newest():
+    from controller.policy.autoscale import DrainCandidate, scale_down_choice
+    cands = [DrainCandidate("old-idle", False, 0, 1.0), DrainCandidate("new-idle", False, 0, 5.0),
+             DrainCandidate("busy", False, 3, 2.0), DrainCandidate("sick", True, 2, 3.0)]
+    assert scale_down_choice(cands, 2) == ["sick", "new-idle"]
+    assert scale_down_choice(cands, 0) == [] and scale_down_choice(cands, 9)[-1] == "busy"

@@ -260,3 +260,18 @@ def idle_instances(last_activity: Mapping[str, float], in_flight: Mapping[str, i
             if in_flight.get(iid, 0) <= 0 and now - t >= idle_timeout_s]
     idle.sort()  # oldest activity first; the id breaks ties so the answer is stable
     return [iid for _, iid in idle[:room]]
+
+
+@dataclass(frozen=True)
+class DrainCandidate:
+    id: str
+    unhealthy: bool
+    in_flight: int
+    created: float
+
+
+def scale_down_choice(candidates: Sequence[DrainCandidate], n: int) -> list[str]:
+    """Which `n` ready instances a scale-down drains: unhealthy first, then the least busy,
+    newest first (the oldest have the warmest caches)."""
+    ordered = sorted(candidates, key=lambda c: (not c.unhealthy, c.in_flight, -c.created, c.id))
+    return [c.id for c in ordered[:max(0, n)]]
