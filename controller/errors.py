@@ -50,6 +50,12 @@ UNKNOWN_ACTION = ErrorCode(1019, 404, "unknown deployment action",
                            "Use scale, stop, start, delete, rollback (POST) or history, rollout, drift (GET).")
 NO_SUCH_PATH = ErrorCode(1020, 404, "no such path on the gateway",
                          "Deployments are served under /d/<name>/, the API under /api/deployments.")
+# Issue 13: several nodes (1040-1049).
+NO_NODE = ErrorCode(1040, 503, "no node can run this instance",
+                    "Bring a node back (`autodeploy nodes` says why it is down), relax "
+                    "spec.placement.nodeSelector, or add a node to autodeploy:nodes.")
+NODE_UNREACHABLE = ErrorCode(1041, 502, "node unreachable",
+                             "Check the node's Docker engine and its dockerHost; `autodeploy nodes` shows the last error.")
 
 ALL: tuple[ErrorCode, ...] = tuple(v for v in list(globals().values()) if isinstance(v, ErrorCode))
 BY_CODE: dict[int, ErrorCode] = {e.code: e for e in ALL}

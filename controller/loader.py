@@ -642,6 +642,7 @@ def _to_deployment(doc: _Doc, filename: str) -> Deployment:
             p99_tolerance_ms=float(ro.get("analysis", {}).get("p99ToleranceMs", 50)),
         ),
         state=spec.get("state", "running"),
+        node_selector=dict(spec.get("placement", {}).get("nodeSelector", {})),
         start_timeout_s=parse_duration(sc.get("startTimeout", "300s")),
         source_file=filename,
         source_line=doc.line,

@@ -94,6 +94,8 @@ class Deployment:
     rollout: Rollout = field(default_factory=Rollout)
     state: str = "running"  # running | stopped
     start_timeout_s: float = 300.0
+    # spec.placement.nodeSelector: labels the instance's node must carry (several nodes).
+    node_selector: dict[str, str] = field(default_factory=dict)
     # Where it came from, for errors and revisions.
     source_file: str = ""
     source_line: int = 0
@@ -115,4 +117,6 @@ class Deployment:
             "resources": [self.resources.cpu, self.resources.memory_gb, self.resources.gpu.count,
                           self.resources.gpu.type, self.resources.storage_gb],
         }
+        if self.node_selector:  # absent when empty, so templates without it keep their hash
+            parts["node_selector"] = self.node_selector
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Hashable
+from urllib.parse import urlparse
 
 import yaml
 
@@ -75,6 +76,29 @@ class Prices:
         return self.cpu + gpu.count * self.gpu_price(gpu.type)
 
 
+@dataclass(frozen=True)
+class TlsPaths:
+    """Client TLS for a tcp:// engine (files on the controller's machine), as
+    `docker --tlsverify --tlscacert CA --tlscert CERT --tlskey KEY` takes them."""
+    ca_cert: str
+    cert: str
+    key: str
+
+
+@dataclass
+class NodeConfig:
+    """One Docker host of `autodeploy:nodes`."""
+    name: str
+    docker_host: str | None  # None: the engine default (DOCKER_HOST, else the local socket)
+    address: str             # where its published instance ports are reached
+    labels: dict[str, str] = field(default_factory=dict)
+    gpus: list[DeclaredGpu] = field(default_factory=list)
+    # An image to run with `--gpus all` to list the node's GPUs (nvidia-smi); None: use `gpus`.
+    gpu_probe_image: str | None = None
+    tls: TlsPaths | None = None
+    prices: Prices | None = None  # None: the stack's autodeploy:prices
+
+
 @dataclass
 class StackConfig:
     name: str
@@ -89,6 +113,8 @@ class StackConfig:
     # Peers whose X-Forwarded-For the gateway believes (ip-hash); `serve --trusted-proxy` overrides.
     trusted_proxies: list[str] = field(default_factory=list)
     prices: Prices = field(default_factory=Prices)
+    # autodeploy:nodes; empty: one node from dockerHost and gpus (see `effective_nodes`).
+    nodes: list[NodeConfig] = field(default_factory=list)
     # Every other config key, verbatim (other namespaces, secrets as {"secure": ...}),
     # for the Pulumi program; nothing here is decrypted.
     extra: dict[str, Any] = field(default_factory=dict)
@@ -302,6 +328,130 @@ def _trusted_proxies(value: Any) -> list[str]:
     return out
 
 
+_NODE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_LABEL_KEY = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?$")
+_NODE_KEYS = ("name", "dockerHost", "address", "labels", "gpus", "tls", "prices")
+_NODE_SCHEMES = ("unix://", "ssh://", "tcp://")
+LOCAL_ADDRESS = "127.0.0.1"
+
+
+def default_address(docker_host: str | None) -> str:
+    """Where a node's published ports are reached when `address` is not given: loopback
+    for a local engine, else the host named in its URL."""
+    if not docker_host or docker_host.startswith(("unix://", "npipe://")):
+        return LOCAL_ADDRESS
+    host = urlparse(docker_host).hostname
+    if not host:
+        raise _Invalid(f"dockerHost {docker_host!r} names no host")
+    return host
+
+
+def _node(item: Any, pos: int) -> NodeConfig:
+    what = f"item {pos}"
+    if not isinstance(item, dict):
+        raise _Invalid(f"{what} must be a mapping {{name, dockerHost, address?, labels?, gpus?, tls?, prices?}}, "
+                       f"got {item!r}")
+    if "name" in item:
+        what = f"node {item['name']!r}"
+    _check_keys(item, _NODE_KEYS, what)
+    for required in ("name", "dockerHost"):
+        if required not in item:
+            raise _Invalid(f"{what} needs `{required}`")
+    name = _as_text(item["name"], f"{what} name")
+    if not _NODE_NAME.fullmatch(name):
+        raise _Invalid(f"{what} name must be a DNS label (a-z, 0-9, '-', at most 63), got {name!r}")
+    host = _as_text(item["dockerHost"], f"{what} dockerHost")
+    if not host.startswith(_NODE_SCHEMES):
+        raise _Invalid(f"{what} dockerHost must start with {', '.join(_NODE_SCHEMES)} "
+                       f"(e.g. ssh://admin@gpu-2 or tcp://gpu-2:2376), got {host!r}")
+    tls = None
+    raw_tls = item.get("tls")
+    if raw_tls is not None:
+        if not isinstance(raw_tls, dict):
+            raise _Invalid(f"{what} tls must be a mapping {{caCert, cert, key}} of file paths, got {raw_tls!r}")
+        _check_keys(raw_tls, ("caCert", "cert", "key"), f"{what} tls")
+        for required in ("caCert", "cert", "key"):
+            if required not in raw_tls:
+                raise _Invalid(f"{what} tls needs `{required}` (a file path)")
+        tls = TlsPaths(*(_as_text(raw_tls[k], f"{what} tls.{k}") for k in ("caCert", "cert", "key")))
+        if not host.startswith("tcp://"):
+            raise _Invalid(f"{what} tls is for tcp:// engines; {host!r} is not one")
+    elif host.startswith("tcp://"):
+        # An engine API without TLS is root on that machine for anyone who can reach it.
+        raise _Invalid(f"{what} dockerHost {host!r} is tcp:// without tls; add tls: {{caCert, cert, key}} "
+                       "(the engine's --tlsverify files) or use ssh://")
+    address = item.get("address")
+    labels = item.get("labels") or {}
+    if not isinstance(labels, dict):
+        raise _Invalid(f"{what} labels must map text to text, got {labels!r}")
+    for k, v in labels.items():
+        if not isinstance(k, str) or not _LABEL_KEY.fullmatch(k) or not isinstance(v, str):
+            raise _Invalid(f"{what} label {k!r}: {v!r} must be text: text (keys: letters, digits, '-_./'); "
+                           "quote values such as 'true' or '1'")
+    gpus: list[DeclaredGpu] = []
+    probe = None
+    raw_gpus = item.get("gpus")
+    if isinstance(raw_gpus, dict):
+        _check_keys(raw_gpus, ("probeImage",), f"{what} gpus")
+        if "probeImage" not in raw_gpus:
+            raise _Invalid(f"{what} gpus needs `probeImage` (or a list of {{index, name}})")
+        probe = _as_text(raw_gpus["probeImage"], f"{what} gpus.probeImage")
+    elif raw_gpus is not None:
+        try:
+            gpus = _gpus(raw_gpus)
+        except _Invalid as exc:
+            raise _Invalid(f"{what} gpus: {exc}") from None
+    try:
+        prices = None if item.get("prices") is None else _prices(item["prices"])
+    except _Invalid as exc:
+        raise _Invalid(f"{what} prices: {exc}") from None
+    return NodeConfig(name=name, docker_host=host,
+                      address=default_address(host) if address is None else _as_text(address, f"{what} address"),
+                      labels=dict(labels), gpus=gpus, gpu_probe_image=probe, tls=tls, prices=prices)
+
+
+def _nodes(value: Any) -> list[NodeConfig]:
+    value = _structured(value, "value")
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _Invalid(f"must be a list of nodes {{name, dockerHost, address?, labels?, gpus?, tls?, prices?}}, "
+                       f"got {value!r}")
+    out = [_node(item, pos) for pos, item in enumerate(value)]
+    names = [n.name for n in out]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise _Invalid(f"each node needs its own name; repeated: {', '.join(repeated)}")
+    hosts = [n.docker_host for n in out]
+    same = sorted({h for h in hosts if hosts.count(h) > 1 and h})
+    if same:
+        raise _Invalid(f"two nodes name the same engine {same[0]!r}: its containers would be counted twice")
+    return out
+
+
+def effective_nodes(stack: StackConfig) -> list[NodeConfig]:
+    """`autodeploy:nodes`, or the one-node shorthand: `dockerHost` and `gpus`."""
+    if stack.nodes:
+        return list(stack.nodes)
+    return [NodeConfig(name="local", docker_host=stack.docker_host, address=_shorthand_address(stack),
+                       gpus=list(stack.gpus))]
+
+
+def _shorthand_address(stack: StackConfig) -> str:
+    try:
+        return default_address(stack.docker_host)
+    except _Invalid as exc:
+        raise AutoDeployError(SPEC_INVALID, f"{stack.source}: {NAMESPACE}:dockerHost: {exc}") from None
+
+
+def prices_for(stack: StackConfig, node: str | None) -> Prices:
+    """The node's own prices when it has them, else the stack's."""
+    for n in stack.nodes:
+        if n.name == node and n.prices is not None:
+            return n.prices
+    return stack.prices
+
+
 # Config key -> (StackConfig field, check).
 _KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "driver": ("driver", _driver),
@@ -313,6 +463,7 @@ _KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "gatewayHost": ("gateway_host", lambda v: _as_text(v, "value")),
     "prices": ("prices", _prices),
     "trustedProxies": ("trusted_proxies", _trusted_proxies),
+    "nodes": ("nodes", _nodes),
 }
 
 
@@ -386,4 +537,12 @@ def load_stack(project_dir: Path, stack: str) -> StackConfig:
         except _Invalid as exc:
             raise AutoDeployError(SPEC_INVALID, f"{where}: {full}: {exc}") from None
     result.prices.source = rel
+    for node in result.nodes:
+        if node.prices is not None:
+            node.prices.source = f"{rel} node {node.name}"
+    if result.nodes and result.docker_host:
+        line = lines.get(f"{NAMESPACE}:dockerHost") or lines.get("dockerHost")
+        where = f"{rel}:{line}" if line else rel
+        raise AutoDeployError(SPEC_INVALID, f"{where}: {NAMESPACE}:dockerHost is the one-node shorthand; with "
+                                            f"{NAMESPACE}:nodes give each node its own dockerHost instead")
     return result

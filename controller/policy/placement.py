@@ -13,7 +13,7 @@ Rules (the README repeats them):
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from controller.gpus import Gpu
@@ -68,6 +68,9 @@ class Placement:
 @dataclass(frozen=True)
 class NoPlacement:
     reason: str
+    # True when no node was even a candidate (all unreachable, or none matches the
+    # nodeSelector): error 1040 rather than 1009, since freeing a GPU would not help.
+    no_node: bool = False
 
 
 def _wants(request: GpuSpec, gpu: Gpu) -> bool:
@@ -170,3 +173,84 @@ def place_many(inventory: Sequence[Gpu], assigned: Mapping[str, Sequence[str]],
         result[key] = outcome
     # Callers read the answer in request order.
     return {key: result[key] for key in keys}
+
+
+# --- several nodes ------------------------------------------------------------------------
+#
+# Rules (the README repeats them):
+# * Only reachable nodes whose labels carry every key/value of the deployment's
+#   nodeSelector are candidates; GPUs are exclusive per node (uuids may repeat across
+#   nodes: two machines may both declare "declared-0").
+# * Spread: a replica goes to a candidate that holds the fewest replicas of its
+#   deployment, so losing one node loses as few of them as possible.
+# * Pack: among those, a GPU request goes to the node left with the fewest free GPUs
+#   of its type (best fit), keeping whole free nodes for larger requests; then the node
+#   with the fewest instances of any deployment; then the name, so equal inputs give
+#   equal answers.
+
+@dataclass(frozen=True)
+class NodeView:
+    """What placement knows of one node."""
+    name: str
+    gpus: tuple[Gpu, ...] = ()
+    labels: Mapping[str, str] = field(default_factory=dict)
+    reachable: bool = True
+
+
+@dataclass(frozen=True)
+class Holding:
+    """One instance placed on a node: its deployment and the GPU uuids it holds there."""
+    node: str
+    deployment: str
+    gpu_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class NodePlacement:
+    node: str
+    gpu_ids: tuple[str, ...]
+
+
+def selector_matches(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def _describe_selector(selector: Mapping[str, str]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(selector.items()))
+
+
+def place_on_nodes(nodes: Sequence[NodeView], holdings: Mapping[str, Holding], deployment: str,
+                   request: GpuSpec, selector: Mapping[str, str] | None = None) -> NodePlacement | NoPlacement:
+    """Pick the node (and its GPUs) for one new instance of `deployment`.
+
+    `holdings` maps instance id -> where it runs; those GPUs are not free on that node.
+    A NoPlacement says, node by node, why none could take it.
+    """
+    selector = selector or {}
+    if not nodes:
+        return NoPlacement("no nodes are configured", no_node=True)
+    reasons: list[str] = []
+    candidates = 0
+    options: list[tuple[tuple[int, int, int, str], NodePlacement]] = []
+    for node in sorted(nodes, key=lambda n: n.name):
+        if not node.reachable:
+            reasons.append(f"node {node.name}: unreachable")
+            continue
+        if not selector_matches(selector, node.labels):
+            reasons.append(f"node {node.name}: labels do not match nodeSelector {_describe_selector(selector)}")
+            continue
+        candidates += 1
+        on_node = {iid: h for iid, h in holdings.items() if h.node == node.name}
+        outcome = place(node.gpus, {iid: h.gpu_ids for iid, h in on_node.items()}, request)
+        if isinstance(outcome, NoPlacement):
+            reasons.append(f"node {node.name}: {outcome.reason}")
+            continue
+        mine = sum(1 for h in on_node.values() if h.deployment == deployment)
+        left = 0
+        if request.count > 0:
+            held = {u for h in on_node.values() for u in h.gpu_ids} | set(outcome.gpu_ids)
+            left = sum(1 for g in _unique_by_uuid(node.gpus) if _wants(request, g) and g.uuid not in held)
+        options.append(((mine, left, len(on_node), node.name), NodePlacement(node.name, outcome.gpu_ids)))
+    if not options:
+        return NoPlacement("; ".join(reasons), no_node=candidates == 0)
+    return min(options, key=lambda o: o[0])[1]
