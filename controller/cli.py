@@ -23,10 +23,13 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("validate", help="check Deployment YAML files or directories")
     p.add_argument("paths", nargs="*", metavar="PATH")
+    p.add_argument("--stack", default="dev", help="stack whose driver and gateway port the PORT check uses")
+    p.add_argument("--project-dir", type=Path, default=Path("."), help="where Pulumi.yaml is (default .)")
 
     p = sub.add_parser("serve", help="run the controller and the gateway in the foreground")
     p.add_argument("--deployments", type=Path, help="directory of Deployment YAML (default: the stack's)")
-    p.add_argument("--state-dir", type=Path, default=Path(".state"), help="SQLite, logs, sockets (default .state)")
+    p.add_argument("--state-dir", type=Path,
+                   help="SQLite, logs, sockets (default: the stack's autodeploy:stateDir, .state in the project)")
     p.add_argument("--host", help="gateway address (default: the stack's, 127.0.0.1)")
     p.add_argument("--port", type=int, help="gateway port (default: the stack's, 8080)")
     p.add_argument("--driver", choices=["local", "docker", "pulumi"], help="default: the stack's")
@@ -65,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--instance", help="instance id (default: the newest)")
     p.add_argument("--follow", "-f", action="store_true")
     p.add_argument("--lines", "-n", type=int, default=100)
-    p.add_argument("--state-dir", type=Path, default=Path(".state"))
+    p.add_argument("--state-dir", type=Path, help="default: the stack's autodeploy:stateDir (.state in the project)")
+    p.add_argument("--stack", default="dev")
+    p.add_argument("--project-dir", type=Path, help="default: the nearest folder up from here with Pulumi.yaml")
 
     cli_ops.add_parsers(sub, DEFAULT_URL)  # scale, stop, start, delete, rollback, rollout, history, diff
 
@@ -78,17 +83,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from controller.validate import run_validate
-    return run_validate(args.paths, sys.stdout, sys.stderr)
+    from controller.validate import run_validate, stack_gateway_port
+    return run_validate(args.paths, sys.stdout, sys.stderr,
+                        local_gateway_port=stack_gateway_port(args.project_dir.resolve(), args.stack))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from controller.serve import ServeOptions, Server
+    from controller.stack import state_dir_of
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     opts = ServeOptions(project_dir=args.project_dir.resolve(), stack=args.stack,
                         deployments=args.deployments.resolve() if args.deployments else None,
-                        state_dir=args.state_dir.resolve(), host=args.host, port=args.port, driver=args.driver,
+                        state_dir=(args.state_dir.resolve() if args.state_dir
+                                   else state_dir_of(args.project_dir.resolve(), args.stack)), host=args.host, port=args.port, driver=args.driver,
                         workers=args.workers, threads=args.threads, queue_limit=args.queue_limit,
                         queue_timeout=args.queue_timeout, graceful_timeout=args.graceful_timeout,
                         trusted_proxies=tuple(args.trusted_proxy))
@@ -178,7 +186,19 @@ def cmd_gateway_static(args: argparse.Namespace) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     from controller.logs import show_logs
-    return show_logs(args.state_dir.resolve(), args.name, args.instance, args.follow, args.lines, sys.stdout)
+    from controller.stack import find_project_dir, state_dir_of
+    project = args.project_dir.resolve() if args.project_dir else find_project_dir(Path.cwd())
+    state_dir = args.state_dir.resolve() if args.state_dir else state_dir_of(project, args.stack)
+    return show_logs(state_dir, args.name, args.instance, args.follow, args.lines, sys.stdout,
+                     docker_host=_stack_docker_host(project, args.stack))
+
+
+def _stack_docker_host(project: Path, stack: str) -> str | None:
+    from controller.stack import load_stack
+    try:
+        return load_stack(project, stack).docker_host
+    except AutoDeployError:
+        return None
 
 
 COMMANDS = {"validate": cmd_validate, "serve": cmd_serve, "status": cmd_status, "gpus": cmd_gpus,

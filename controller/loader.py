@@ -12,9 +12,9 @@ import functools
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 from jsonschema import Draft202012Validator, ValidationError
@@ -28,11 +28,17 @@ SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "deployment.s
 API_VERSION = "autodeploy/v1"
 KIND = "Deployment"
 YAML_SUFFIXES = (".yaml", ".yml")
+# Hostile or broken input must fail fast and small: PyYAML would expand an alias bomb
+# (730 bytes -> gigabytes) and recurse once per nesting level until RecursionError.
+MAX_FILE_BYTES = 1024 * 1024  # per file
+MAX_DEPTH = 64  # nesting of mappings and lists; a Deployment needs about 6
+MAX_NODES = 20_000  # values in one document once aliases are expanded; a Deployment needs ~100
 
 # A JSON-pointer-like path into a document: mapping keys and list indexes.
 Pointer = tuple[Any, ...]
 _MISSING = object()
 _SPEC: Pointer = ("spec",)
+_PORT_REF = re.compile(r"\$\{?PORT\b")  # as the local driver substitutes it
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,7 @@ class LoadResult:
     deployments: list[Deployment]
     errors: list[SpecError]
     files: list[str]
+    warnings: list[SpecError] = field(default_factory=list)  # printed, never fatal
 
     @property
     def ok(self) -> bool:
@@ -217,20 +224,107 @@ def _yaml_error(filename: str, exc: yaml.YAMLError) -> SpecError:
     return SpecError(filename, line, f"YAML syntax error: {detail}")
 
 
+class _InputTooLarge(yaml.YAMLError):
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(message)
+        self.line, self.message = line, message
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader whose composer refuses nesting deeper than MAX_DEPTH (it recurses per level)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self._depth = 0
+        self.aliases: list[tuple[int, Node]] = []  # (line of the alias, the node it names)
+
+    def compose_node(self, parent: Node | None, index: Any) -> Node:  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            node = super().compose_node(parent, index)
+            self.aliases.append((event.start_mark.line + 1, node))
+            return node
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                line = self.peek_event().start_mark.line + 1
+                raise _InputTooLarge(line, (
+                    f"nested more than {MAX_DEPTH} levels deep; a Deployment needs only a few levels "
+                    "(is a bracket or indentation runaway?)"))
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _children(node: Node) -> list[Node]:
+    if isinstance(node, SequenceNode):
+        return list(node.value)
+    if isinstance(node, MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _expansion_error(root: Node, aliases: list[tuple[int, Node]]) -> SpecError | None:
+    """Aliases share nodes, so a small file can stand for a huge or very deep document.
+
+    Counts the values and depth the document has once every alias is expanded, in one
+    pass over its distinct nodes (memoised, iterative: no recursion to exhaust)."""
+    sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (values, depth) when expanded
+    stack: list[tuple[Node, bool]] = [(root, False)]
+    visiting: set[int] = set()
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        if not children_done and id(node) in visiting:  # `&a [*a]`: a value that contains itself
+            line = next((ln for ln, target in aliases if target is node), node.start_mark.line + 1)
+            return SpecError("", line, "this alias refers to a value that contains it (a recursive "
+                             "structure); write the values out instead")
+        kids = _children(node)
+        if children_done:
+            sizes[id(node)] = (1 + sum(sizes[id(k)][0] for k in kids),
+                               1 + max((sizes[id(k)][1] for k in kids), default=0))
+            continue
+        visiting.add(id(node))
+        stack.append((node, True))
+        stack.extend((k, False) for k in kids if id(k) not in sizes)
+    total, depth = sizes[id(root)]
+    if total <= MAX_NODES and depth <= MAX_DEPTH:
+        return None
+    line, worst = max(aliases, key=lambda a: sizes.get(id(a[1]), (0, 0)),
+                      default=(root.start_mark.line + 1, root))
+    values, deep = sizes[id(worst)]
+    if total > MAX_NODES:
+        msg = (f"aliases expand this document to {total:,} values (at most {MAX_NODES:,} are read); "
+               f"the alias here alone stands for {values:,}: write the values out instead of nesting aliases")
+    else:
+        msg = (f"aliases nest this document {depth} levels deep (at most {MAX_DEPTH}); the alias here "
+               f"adds {deep}: write the values out instead of nesting aliases")
+    return SpecError("", line, msg)
+
+
 def _read_documents(text: str, filename: str) -> tuple[list[_Doc], list[SpecError]]:
     docs: list[_Doc] = []
     errors: list[SpecError] = []
-    loader = yaml.SafeLoader(text)
+    loader = _BoundedLoader(text)
     try:
         while True:
             try:
                 if not loader.check_node():
                     break
+                loader.aliases = []
                 node = loader.get_node()
+            except _InputTooLarge as exc:
+                errors.append(SpecError(filename, exc.line, exc.message))
+                break
             except yaml.YAMLError as exc:
                 # The parser cannot resynchronise after a syntax error: stop this file.
                 errors.append(_yaml_error(filename, exc))
                 break
+            bomb = _expansion_error(node, loader.aliases)
+            if bomb is not None:
+                errors.append(SpecError(filename, bomb.line, bomb.message))
+                continue
             duplicates = _duplicate_keys(node, filename)
             try:
                 data = SafeConstructor().construct_document(node)
@@ -276,6 +370,9 @@ _TYPE_WORDS = {
     "string": "text", "integer": "a whole number", "number": "a number", "boolean": "true or false",
     "object": "a mapping (indented key: value lines)", "array": "a list", "null": "empty",
 }
+
+# What a user most likely meant by an unquoted on/off/yes/no where text is expected.
+_BOOLEAN_MEANS = {(("state",), False): "stopped", (("state",), True): "running"}
 
 _REQUIRED_HINTS = {
     ("apiVersion",): f"add `apiVersion: {API_VERSION}` at the top of the document",
@@ -382,6 +479,11 @@ class _Translator:
         guess = _closest(err.instance, choices) if isinstance(err.instance, str) else None
         if guess:
             msg += f"; did you mean '{guess}'?"
+        elif isinstance(err.instance, bool):
+            written = self.doc.texts.get(pointer, str(err.instance).lower())
+            meant = _BOOLEAN_MEANS.get((pointer[-1:], err.instance))
+            msg += (f": YAML 1.1 reads {written} as a boolean, not text; "
+                    + (f"write '{meant}'" if meant else f"put it in quotes: \"{written}\""))
         return [self.error(pointer, msg)]
 
     def _type(self, pointer: Pointer, err: ValidationError) -> list[SpecError]:
@@ -653,51 +755,110 @@ def _to_deployment(doc: _Doc, filename: str) -> Deployment:
 # --- the loader ----------------------------------------------------------------------------
 
 class _Session:
-    """One load: names must be unique across every file it reads."""
+    """One load: names must be unique across every file it reads.
 
-    def __init__(self, require_image: bool) -> None:
+    Documents are checked file by file; names are settled at the end, so that the file
+    that already serves a name (`owners`) keeps it whichever file sorts first."""
+
+    def __init__(self, require_image: bool, owners: Mapping[str, str] | None = None,
+                 local_gateway_port: int | None = None) -> None:
         self.require_image = require_image
+        self.owners = dict(owners or {})
+        self.local_gateway_port = local_gateway_port
         self.result = LoadResult([], [], [])
-        self.names: dict[str, str] = {}  # name -> "file:line" of its first use
+        self._errors: dict[str, list[SpecError]] = {}  # file -> its errors, in file order
+        self._valid: list[tuple[_Doc, str]] = []  # documents without errors of their own
 
     def add_text(self, text: str, filename: str) -> None:
         self.result.files.append(filename)
         docs, errors = _read_documents(text, filename)
+        if not docs and not errors:
+            self.result.warnings.append(SpecError(filename, 0, (
+                "is empty (no YAML document in it); nothing is deployed from it: write a Deployment "
+                "or delete the file")))
         for doc in docs:
             translator = _Translator(doc, filename)
             doc_errors = list(doc.errors)
             doc_errors += [e for err in _validator().iter_errors(doc.data) for e in translator.translate(err)]
             doc_errors += _semantic_errors(doc, filename, self.require_image)
-            doc_errors += self._name_clash(doc, filename)
             errors += doc_errors
             if not doc_errors:
-                self.result.deployments.append(_to_deployment(doc, filename))
-        self.result.errors += sorted(errors, key=lambda e: e.line)
+                self._valid.append((doc, filename))
+                if self.local_gateway_port is not None:
+                    self.result.warnings += _port_trap(doc, filename, self.local_gateway_port)
+        self._errors.setdefault(filename, []).extend(errors)
 
-    def _name_clash(self, doc: _Doc, filename: str) -> list[SpecError]:
-        name = doc.get(("metadata", "name"), None)
-        if not isinstance(name, str):
-            return []
-        where = f"{filename}:{doc.line_of(('metadata', 'name'))}"
-        first = self.names.setdefault(name, where)
-        if first == where:
-            return []
-        return [SpecError(filename, doc.line_of(("metadata", "name")),
-                          f"metadata.name '{name}' is already used by {first}; names must be unique "
-                          "across all files")]
+    def add_error(self, error: SpecError) -> None:
+        self.result.files.append(error.file)
+        self._errors.setdefault(error.file, []).append(error)
+
+    def finish(self) -> LoadResult:
+        """Settle names (the serving file first, else the first file) and convert the winners."""
+        first: dict[str, tuple[str, int]] = {}
+        named = [(doc, f, doc.get(("metadata", "name"), None)) for doc, f in self._valid]
+        for doc, f, name in sorted(named, key=lambda x: self.owners.get(x[2]) != x[1]):
+            first.setdefault(name, (f, doc.line_of(("metadata", "name"))))
+        for name, file in self.owners.items():
+            # The serving file has errors now: it keeps its name until it is fixed or drops it.
+            if name in first and first[name][0] != file and self._errors.get(file):
+                first[name] = (file, 0)
+        for doc, f, name in named:
+            line = doc.line_of(("metadata", "name"))
+            owner_file, owner_line = first[name]
+            if owner_line == 0:
+                self._errors.setdefault(f, []).append(SpecError(f, line, (
+                    f"metadata.name '{name}' is served from {owner_file}, which has errors now; fix that "
+                    "file (its last good revision keeps serving), or rename this one")))
+                continue
+            if (owner_file, owner_line) == (f, line):
+                self.result.deployments.append(_to_deployment(doc, f))
+                continue
+            serving = " (the file that serves it now)" if self.owners.get(name) == owner_file else ""
+            self._errors.setdefault(f, []).append(SpecError(f, line, (
+                f"metadata.name '{name}' is already used by {owner_file}:{owner_line}{serving}; names must "
+                "be unique across all files")))
+        for errors in self._errors.values():
+            self.result.errors += sorted(errors, key=lambda e: e.line)
+        return self.result
 
     def add_path(self, path: Path, shown: str) -> None:
         try:
-            text = path.read_text(encoding="utf-8")
+            with open(path, "rb") as f:
+                raw = f.read(MAX_FILE_BYTES + 1)
+            if len(raw) > MAX_FILE_BYTES:
+                self.add_error(SpecError(shown, 0, (
+                    f"is larger than {MAX_FILE_BYTES // 1024} KiB, the most a Deployment file may hold; "
+                    "split it into several files")))
+                return
+            text = raw.decode("utf-8")
         except UnicodeDecodeError:
-            self.result.files.append(shown)
-            self.result.errors.append(SpecError(shown, 0, "is not UTF-8 text; save it as UTF-8"))
+            self.add_error(SpecError(shown, 0, "is not UTF-8 text; save it as UTF-8"))
             return
         except OSError as exc:
-            self.result.files.append(shown)
-            self.result.errors.append(SpecError(shown, 0, f"cannot be read: {exc.strerror or exc}"))
+            self.add_error(SpecError(shown, 0, f"cannot be read: {exc.strerror or exc}"))
             return
         self.add_text(text, shown)
+
+
+def _port_trap(doc: _Doc, filename: str, gateway_port: int) -> list[SpecError]:
+    """The local driver gives each instance a free port in PORT; a command that ignores it
+    listens on spec.port, where only one process can, and which may be the gateway's own."""
+    command, port = doc.get(_SPEC + ("command",), ""), doc.get(_SPEC + ("port",), None)
+    if not isinstance(command, str) or _PORT_REF.search(command) or not isinstance(port, int):
+        return []
+    fix = ("use ${PORT} in spec.command (e.g. `python api.py --port ${PORT}`) so that each local "
+           "instance gets its own free port")
+    out = []
+    if port == gateway_port:
+        out.append(SpecError(filename, doc.line_of(_SPEC + ("port",)), (
+            f"spec.command does not use ${{PORT}}, so with the local driver the service listens on "
+            f"spec.port {port}, the gateway's own port: it cannot start there; {fix}")))
+    most = doc.get(_SPEC + ("scaling", "maxReplicas"), 1)
+    if isinstance(most, int) and most > 1:
+        out.append(SpecError(filename, doc.line_of(_SPEC + ("scaling", "maxReplicas")), (
+            f"spec.command does not use ${{PORT}}, so with the local driver every instance listens on "
+            f"spec.port {port} and only one of maxReplicas {most} can run; {fix}")))
+    return out
 
 
 def _expand(paths: Sequence[str | Path]) -> list[Path]:
@@ -715,18 +876,22 @@ def _expand(paths: Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def load_paths(paths: Sequence[str | Path], require_image: bool = False) -> LoadResult:
+def load_paths(paths: Sequence[str | Path], require_image: bool = False,
+               owners: Mapping[str, str] | None = None, local_gateway_port: int | None = None) -> LoadResult:
     """Load files and directories (their *.yaml / *.yml, sorted, not recursive).
 
     `require_image` is for the docker and pulumi drivers, which cannot run a spec without one.
+    `owners` (name -> file) are the files that serve each name now: a newcomer reusing a name
+    is the duplicate, whichever sorts first. `local_gateway_port`: warn about commands that
+    ignore ${PORT} (the local driver's trap) against this gateway port.
     """
-    session = _Session(require_image)
+    session = _Session(require_image, owners, local_gateway_port)
     for path in _expand(paths):
         session.add_path(path, str(path))
-    return session.result
+    return session.finish()
 
 
 def load_text(text: str, filename: str, require_image: bool = False) -> LoadResult:
     session = _Session(require_image)
     session.add_text(text, filename)
-    return session.result
+    return session.finish()

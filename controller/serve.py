@@ -133,7 +133,13 @@ class Server:
         self.gunicorn: subprocess.Popen | None = None
 
     def load(self) -> None:
-        result = load_paths([self.deployments_dir], require_image=self.driver_name != "local")
+        # The files that serve each name now keep it: a newcomer reusing one is the duplicate.
+        owners = {name: rt.spec.source_file for name, rt in list(self.controller.deps.items()) if not rt.removed}
+        local = self.driver_name == "local"
+        result = load_paths([self.deployments_dir], require_image=not local, owners=owners,
+                            local_gateway_port=self.port if local else None)
+        for warning in result.warnings:
+            log.warning("spec warning: %s", warning)
         self.controller.apply(result)
 
     def run(self) -> int:

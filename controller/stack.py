@@ -105,6 +105,7 @@ class StackConfig:
     source: str = ""  # e.g. "stacks/Pulumi.dev.yaml", relative to the project
     driver: str = "local"
     deployments_dir: str = "deployments"
+    state_dir: str = ".state"  # SQLite, logs, sockets; relative to the project (serve, logs)
     replicas: dict[str, int | tuple[int, ...]] = field(default_factory=dict)
     gpus: list[DeclaredGpu] = field(default_factory=list)
     docker_host: str | None = None
@@ -456,6 +457,7 @@ def prices_for(stack: StackConfig, node: str | None) -> Prices:
 _KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "driver": ("driver", _driver),
     "deploymentsDir": ("deployments_dir", lambda v: _as_text(v, "value")),
+    "stateDir": ("state_dir", lambda v: _as_text(v, "value")),
     "replicas": ("replicas", _replicas),
     "gpus": ("gpus", _gpus),
     "dockerHost": ("docker_host", _docker_host),
@@ -546,3 +548,25 @@ def load_stack(project_dir: Path, stack: str) -> StackConfig:
         raise AutoDeployError(SPEC_INVALID, f"{where}: {NAMESPACE}:dockerHost is the one-node shorthand; with "
                                             f"{NAMESPACE}:nodes give each node its own dockerHost instead")
     return result
+
+
+def find_project_dir(start: Path) -> Path:
+    """The nearest folder at or above `start` holding Pulumi.yaml (`start` itself if none),
+    so that commands such as `autodeploy logs` work from any folder of the project."""
+    start = start.resolve()
+    for folder in (start, *start.parents):
+        if (folder / "Pulumi.yaml").is_file():
+            return folder
+    return start
+
+
+def state_dir_of(project_dir: Path, stack: str) -> Path:
+    """`autodeploy:stateDir` of the stack (default .state), relative to the project; the
+    default when the project has no such stack file."""
+    try:
+        configured = load_stack(project_dir, stack).state_dir
+    except AutoDeployError:
+        if (project_dir / stack_dir(project_dir) / f"Pulumi.{stack.rsplit('/', 1)[-1]}.yaml").exists():
+            raise  # a stack file with errors: say so rather than guess
+        configured = StackConfig(name=stack).state_dir
+    return (project_dir / configured).resolve()

@@ -9,6 +9,7 @@ import json
 import sqlite3
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +81,17 @@ class Store:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(SCHEMA)
+
+    @classmethod
+    def read_only(cls, path: Path) -> "Store":
+        """A reader for commands beside a running serve (`autodeploy logs`): writes nothing."""
+        self = cls.__new__(cls)
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(f"file:{urllib.parse.quote(str(path))}?mode=ro", uri=True, check_same_thread=False,
+                                   isolation_level=None)
+        self._db.execute("PRAGMA busy_timeout=5000")
+        return self
 
     def close(self) -> None:
         with self._lock:

@@ -13,11 +13,14 @@ EXIT_USAGE = 2
 USAGE = "usage: autodeploy validate PATH... (Deployment YAML files, or directories of *.yaml / *.yml)"
 
 
-def run_validate(paths: list[str], out: TextIO, err: TextIO, require_image: bool = False) -> int:
+def run_validate(paths: list[str], out: TextIO, err: TextIO, require_image: bool = False,
+                 local_gateway_port: int | None = None) -> int:
     """Print every error as FILE:LINE: message to `err` and one line per valid deployment to `out`.
 
     Returns 0 when everything is valid, 1 when anything is invalid, 2 on a usage error.
-    `require_image` applies the docker/pulumi drivers' rule that `spec.image` is set.
+    `require_image` applies the docker/pulumi drivers' rule that `spec.image` is set;
+    `local_gateway_port` warns about commands that ignore ${PORT} (the local driver's trap).
+    Warnings (`FILE:LINE: warning: ...`) go to `err` and never change the exit code.
     """
     if not paths:
         print(USAGE, file=err)
@@ -28,12 +31,14 @@ def run_validate(paths: list[str], out: TextIO, err: TextIO, require_image: bool
     if missing:
         return EXIT_USAGE
 
-    result = load_paths(paths, require_image=require_image)
+    result = load_paths(paths, require_image=require_image, local_gateway_port=local_gateway_port)
     if not result.files:
         # An empty directory is almost always a wrong path; passing it would hide that.
         print(f"autodeploy validate: no .yaml or .yml files in {', '.join(paths)}", file=err)
         return EXIT_USAGE
 
+    for warning in result.warnings:
+        print(_warning(warning), file=err)
     for error in result.errors:
         print(error, file=err)
     for d in result.deployments:
@@ -47,6 +52,24 @@ def run_validate(paths: list[str], out: TextIO, err: TextIO, require_image: bool
         print(f"{_plural(len(result.errors), 'error')} in {_plural(bad_files, 'file')}", file=err)
         return EXIT_INVALID
     return EXIT_OK
+
+
+def _warning(w: object) -> str:
+    file, line, message = w.file, w.line, w.message  # type: ignore[attr-defined]
+    return f"{file}:{line}: warning: {message}" if line else f"{file}: warning: {message}"
+
+
+def stack_gateway_port(project_dir: Path, stack: str) -> int | None:
+    """The gateway port to check the PORT trap against: the stack's when it runs the local
+    driver, 8080 (the default) without a stack file, None for the docker and pulumi drivers."""
+    from controller.stack import load_stack
+    if not (project_dir / "Pulumi.yaml").exists() and not (project_dir / "stacks").exists():
+        return 8080
+    try:
+        config = load_stack(project_dir, stack)
+    except Exception:  # noqa: BLE001 - validate checks Deployment files; the stack has its own errors
+        return 8080
+    return config.gateway_port if config.driver == "local" else None
 
 
 def _plural(n: int, word: str) -> str:

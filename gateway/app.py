@@ -1,6 +1,7 @@
 """The gateway: `ANY /d/<name>/<path>` proxies to an instance; `/api/...` is the status API."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -39,7 +40,6 @@ def error_response(exc: AutoDeployError) -> Response:
 
 
 def _json_bytes(data: object) -> bytes:
-    import json
     return json.dumps(data).encode()
 
 
@@ -204,8 +204,7 @@ def create_app(ipc_path: str | None = None, counters_path: str | None = None, co
 
     @app.post("/api/deployments/<name>/<action>")
     def action(name: str, action: str) -> Response:
-        args = request.get_json(silent=True) or {}
-        return _json(ipc.call("action", name=name, action=action, args=args)["result"])
+        return _json(ipc.call("action", name=name, action=action, args=_json_object_body())["result"])
 
     @app.get("/api/deployments/<name>/<action>")  # history, rollout, drift (controller.operations)
     def view(name: str, action: str) -> Response:
@@ -225,6 +224,22 @@ def create_app(ipc_path: str | None = None, counters_path: str | None = None, co
                                               " under /d/<name>/ and the API under /api/deployments"))
 
     return app
+
+
+def _json_object_body() -> dict:
+    """An action's arguments: an empty body, or a JSON object; anything else is a coded 400."""
+    raw = request.get_data(cache=True)
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise AutoDeployError(errors.BAD_REQUEST, f"the body is not JSON ({exc}); send an object such as "
+                                                  '{"replicas": 2}') from None
+    if not isinstance(data, dict):
+        raise AutoDeployError(errors.BAD_REQUEST, f"the body must be a JSON object such as {{\"replicas\": 2}}, "
+                                                  f"not {type(data).__name__}")
+    return data
 
 
 def _json(data: object) -> Response:
