@@ -46,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trusted-proxy", action="append", default=[], metavar="CIDR",
                    help="a proxy whose X-Forwarded-For is believed (for ip-hash); repeatable "
                         "(default: the stack's autodeploy:trustedProxies, else none)")
+    git = p.add_argument_group("git source (instead of --deployments; default: the stack's autodeploy:git)")
+    git.add_argument("--git-repo", metavar="URL", help="follow this repository (file://, ssh://, https://, ...)")
+    git.add_argument("--git-branch", metavar="BRANCH", help="branch to follow (default main)")
+    git.add_argument("--git-path", metavar="DIR", help="folder of Deployment YAML in the repo (default deployments)")
+    git.add_argument("--git-interval", metavar="DURATION", help="poll interval (default 30s)")
     p.add_argument("-v", "--verbose", action="store_true")
 
     p = sub.add_parser("status", help="deployments, their instances and cost")
@@ -99,7 +104,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                    else state_dir_of(args.project_dir.resolve(), args.stack)), host=args.host, port=args.port, driver=args.driver,
                         workers=args.workers, threads=args.threads, queue_limit=args.queue_limit,
                         queue_timeout=args.queue_timeout, graceful_timeout=args.graceful_timeout,
-                        trusted_proxies=tuple(args.trusted_proxy))
+                        trusted_proxies=tuple(args.trusted_proxy), git_repo=args.git_repo,
+                        git_branch=args.git_branch, git_path=args.git_path, git_interval=args.git_interval)
     return Server(opts).run()
 
 
@@ -154,6 +160,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
+    _print_source(data.get("source"))
     rows = [["NAME", "STATUS", "STATE", "INSTANCES", "MODEL", "ENDPOINT", "COST"]]
     rows += [[d["name"], d["status"], d["state"], f"{d['replicas']['ready']}/{d['replicas']['current']}",
               f"{d['model']['id']}@{d['model']['version']}", f"{base}{d['endpoint']}", f"${d['cost']['total']:.4f}"]
@@ -162,6 +169,26 @@ def cmd_status(args: argparse.Namespace) -> int:
     for err in data.get("errors", []):
         print(f"spec error: {err}")
     return 0
+
+
+def _print_source(src: dict | None) -> None:
+    if not src:
+        return
+    if src["kind"] != "git":
+        print(f"source: folder {src['path']}")
+        return
+    live = src.get("live_commit")
+    print(f"source: git {src['repo']} branch {src['branch']} path {src['path']} (every {src['interval_s']:g}s)")
+    print("  live commit: " + (f"{live['short']} {live['subject']!r} by {live['author']}" if live else "none yet")
+          + f"; last fetch {_ago(src.get('last_fetch_at'))}")
+    if src.get("last_fetch_error"):
+        print(f"  fetch failing ({src['consecutive_failures']} in a row, serving continues): "
+              f"{src['last_fetch_error']}")
+    refused = src.get("refused_commit")
+    if refused:
+        print(f"  refused commit {refused['short']} {refused['subject']!r} by {refused['author']}:")
+        for err in refused["errors"]:
+            print(f"    {err}")
 
 
 def cmd_gpus(args: argparse.Namespace) -> int:

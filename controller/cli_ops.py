@@ -161,19 +161,29 @@ def cmd_history(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
-    rows = [["REV", "", "APPLIED", "FILE", "CHANGE"]]
+    git = any(r.get("commit") for r in data["revisions"])
+    rows = [["REV", "", "APPLIED", "FILE"] + (["COMMIT", "AUTHOR", "SUBJECT"] if git else []) + ["CHANGE"]]
     for r in data["revisions"]:
         mark = ("*" if r["serving"] else "") + ("f" if r["file_revision"] else "")
         change = "created" if r["kind"] == "created" else (
             f"[{r['kind'].replace('_', ' ')}] " + "; ".join(r["changes"]) if r["changes"] else "no change")
-        rows.append([str(r["number"]), mark, _ago(r["applied_at"]), r["file"], change])
+        commit = r.get("commit") or {}
+        rows.append([str(r["number"]), mark, _ago(r["applied_at"]), r["file"]]
+                    + ([commit.get("short", "-"), commit.get("author", "-"), _clip(commit.get("subject", "-"))]
+                       if git else []) + [change])
     print(_table(rows))
     print("* serving now   f the file's current content")
     return 0
 
 
+def _clip(text: str, width: int = 50) -> str:
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
 def _print_drift(name: str, drift: dict) -> None:
-    print(f"{name}: runtime differs from {drift['file']} (revision {drift['file_revision']}) "
+    commit = drift.get("commit")
+    at = f" at commit {commit['short']} ({_clip(commit['subject'])})" if commit else ""
+    print(f"{name}: runtime differs from {drift['file']}{at} (revision {drift['file_revision']}) "
           f"since {_ago(drift['since'])}")
     rows = [["  FIELD", "FILE", "RUNTIME", "BY"]]
     rows += [[f"  {c['field']}", str(c["file"]), str(c["runtime"]), str(c["by"])] for c in drift["changes"]]
@@ -189,13 +199,24 @@ def cmd_diff(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(drifts, indent=2))
         return 0
+    live = _live_commit(args)
     if not drifts:
-        print(f"no drift: {'the deployment runs' if args.name else 'deployments run'} as the files say")
+        what = "the deployment runs" if args.name else "deployments run"
+        print(f"no drift: {what} as " + (f"commit {live['short']} ({_clip(live['subject'])}) says" if live
+                                          else "the files say"))
         return 0
     for d in drifts:
         _print_drift(d["name"], d)
+    if live:
+        print(f"live commit {live['short']} ({_clip(live['subject'])}) by {live['author']}")
     print("Runtime actions are not written to the files; commit a new content of the file to make it win.")
     return 0
+
+
+def _live_commit(args: argparse.Namespace) -> dict | None:
+    """The commit serve follows now (git source), or None for a folder."""
+    source = _call("GET", args.url.rstrip("/") + "/api/git")
+    return source.get("live_commit") if source.get("kind") == "git" else None
 
 
 COMMANDS = {"scale": cmd_scale, "stop": cmd_stop, "start": cmd_start, "delete": cmd_delete,

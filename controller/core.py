@@ -30,7 +30,7 @@ from controller.policy.edits import rename_message
 from controller.policy.placement import NoPlacement, place
 from controller.rollouts import RolloutDriver
 from controller.spec import Deployment
-from controller.store import Store
+from controller.store import Commit, Store
 from controller.traffic import Traffic
 
 log = logging.getLogger("autodeploy.controller")
@@ -117,10 +117,12 @@ class Controller:
         self.operations = Operations(self)
         self.traffic = Traffic()  # request windows and resource use, for status, /metrics, autoscaling
         self.autoscaler = Autoscaler()
+        self.source: Any = None  # controller.sources.SourceWatcher, set by serve: status and git sync
 
     # ------------------------------------------------------------------ desired state
-    def apply(self, result: LoadResult) -> None:
-        """Adopt the valid deployments of a load; files with errors keep their last good revision."""
+    def apply(self, result: LoadResult, commit: Commit | None = None) -> None:
+        """Adopt the valid deployments of a load; files with errors keep their last good revision.
+        `commit`: the git commit the load came from (a git source), recorded with new revisions."""
         now = self.clock()
         bad_files = {e.file for e in result.errors}
         with self._cv:
@@ -136,17 +138,17 @@ class Controller:
                     for rec in rt.by_phase("ready"):
                         self._begin_drain(rec, "deployment removed")
             for name, spec in new.items():
-                self._apply_one(spec, now)
+                self._apply_one(spec, now, commit)
             self._bump()
 
-    def _apply_one(self, spec: Deployment, now: float) -> None:
+    def _apply_one(self, spec: Deployment, now: float, commit: Commit | None = None) -> None:
         rt = self.deps.get(spec.name)
         effective = self.operations.effective(spec)  # runtime overrides (operations) over the file
         if effective is None:
             return  # deleted at runtime, and the file's content for it has not changed since
         if rt is not None and not rt.removed and rt.spec.revision == effective[0].revision:
             return
-        number = self.store.record_revision(spec.name, spec.revision, spec.source_file, spec.raw)
+        number = self.store.record_revision(spec.name, spec.revision, spec.source_file, spec.raw, commit=commit)
         spec, number = effective[0], effective[1] or number
         if rt is None or rt.removed:
             old_instances = rt.instances if rt else {}
@@ -575,7 +577,8 @@ class Controller:
                                     for _, rt in sorted(self.deps.items()) if not rt.removed],
                     "errors": [str(e) for e in self.spec_errors],
                     "driver": self.driver.name,
-                    "gpu_inventory": getattr(self.inventory, "source", None)}
+                    "gpu_inventory": getattr(self.inventory, "source", None),
+                    "source": self.source.status() if self.source is not None else None}
 
     def _dep_status(self, rt: DepRuntime, booked: dict, inflight: dict[str, int], now: float,
                     events: bool) -> dict:
@@ -595,7 +598,8 @@ class Controller:
             "name": spec.name, "description": spec.description, "environment": spec.environment,
             "model": {"id": spec.model_id, "version": spec.model_version},
             "endpoint": f"/d/{spec.name}/", "state": spec.state, "status": status,
-            "revision": {"number": rt.revision_number, "hash": spec.revision, "file": spec.source_file},
+            "revision": {"number": rt.revision_number, "hash": spec.revision, "file": spec.source_file,
+                         "commit": _commit_json(self.store.revision_commit(spec.name, rt.revision_number))},
             "replicas": {"min": spec.scaling.min_replicas, "max": spec.scaling.max_replicas,
                          "current": len(recs), "ready": sum(r.phase == "ready" for r in recs)},
             "idle_timeout_s": spec.scaling.idle_timeout_s,
@@ -701,3 +705,7 @@ def _address(rec: Rec) -> dict:
     assert rec.inst is not None
     return {"id": rec.id, "host": rec.inst.host, "port": rec.inst.port, "revision": rec.number,
             "deployment": rec.deployment, "slot": rec.slot}
+
+
+def _commit_json(commit: Commit | None) -> dict | None:
+    return commit.to_json() if commit is not None else None

@@ -56,6 +56,17 @@ NO_NODE = ErrorCode(1040, 503, "no node can run this instance",
                     "spec.placement.nodeSelector, or add a node to autodeploy:nodes.")
 NODE_UNREACHABLE = ErrorCode(1041, 502, "node unreachable",
                              "Check the node's Docker engine and its dockerHost; `autodeploy nodes` shows the last error.")
+GIT_NOT_CONFIGURED = ErrorCode(1060, 409, "serve is not following a git repository",
+                               "Start serve with --git-repo URL, or set autodeploy:git in the stack config.")
+GIT_FETCH_FAILED = ErrorCode(1061, 502, "git fetch failed",
+                             "Check the repository URL, the network and the credentials; the last good commit "
+                             "keeps serving and the fetch is retried with backoff.")
+GIT_COMMIT_REFUSED = ErrorCode(1062, 422, "git commit refused",
+                               "Fix the FILE:LINE errors and push a new commit (or a revert); the last good "
+                               "commit keeps serving.")
+GIT_SYNC_TIMEOUT = ErrorCode(1063, 504, "git sync still running",
+                             "The poll goes on in the background; read the source's state with "
+                             "`autodeploy status`.")
 
 ALL: tuple[ErrorCode, ...] = tuple(v for v in list(globals().values()) if isinstance(v, ErrorCode))
 BY_CODE: dict[int, ErrorCode] = {e.code: e for e in ALL}

@@ -83,6 +83,12 @@ class IpcServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             return {}
         if op == "action":
             return {"result": c.action(req["name"], req["action"], req.get("args", {}))}
+        if op == "source":  # where desired state comes from (controller.sources); sync: poll git now
+            if c.source is None:
+                raise AutoDeployError(errors.GIT_NOT_CONFIGURED, "this controller has no desired-state source")
+            if req.get("sync"):
+                return {"source": c.source.sync(float(req.get("timeout", 60)))}
+            return {"source": c.source.status(events=True)}
         raise KeyError(f"unknown op {op!r}")
 
 

@@ -895,3 +895,17 @@ def load_text(text: str, filename: str, require_image: bool = False) -> LoadResu
     session = _Session(require_image)
     session.add_text(text, filename)
     return session.finish()
+
+
+def load_texts(items: Sequence[tuple[str, str]], require_image: bool = False,
+               unreadable: Sequence[SpecError] = (), owners: Mapping[str, str] | None = None,
+               local_gateway_port: int | None = None) -> LoadResult:
+    """Load (filename, text) pairs as one set, as `load_paths` loads a folder: names must be
+    unique across them. A git source reads its files from a commit this way; `unreadable`
+    are the files it could not read (not UTF-8, too large), reported with the rest."""
+    session = _Session(require_image, owners, local_gateway_port)
+    for filename, text in items:
+        session.add_text(text, filename)
+    for err in unreadable:
+        session.add_error(err)
+    return session.finish()

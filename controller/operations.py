@@ -254,7 +254,8 @@ class Operations:
             out.append({"number": row.number, "revision": row.revision, "applied_at": row.applied_at,
                         "file": row.source_file, "kind": edit.kind if prev is not None else "created",
                         "changes": [str(c) for c in edit.changes] if prev is not None else [],
-                        "serving": row.number == serving, "file_revision": row.number == git_number})
+                        "serving": row.number == serving, "file_revision": row.number == git_number,
+                        "commit": row.commit.to_json() if row.commit else None})
             prev = row.content
         return {"name": name, "serving": serving, "file_revision": git_number, "revisions": out}
 
@@ -290,8 +291,10 @@ class Operations:
                             "runtime": data["replicas"], "by": "autodeploy scale"})
         if not changes:
             return None
-        return {"since": at, "file": git.source_file, "file_revision": self._git_number(name),
-                "changes": changes,
+        number = self._git_number(name)
+        commit = self.c.store.revision_commit(name, number) if number is not None else None
+        return {"since": at, "file": git.source_file, "file_revision": number,
+                "commit": commit.to_json() if commit else None, "changes": changes,
                 "note": "runtime actions are not written to the file; a new content of it wins and clears this"}
 
     def drift_all(self) -> list[dict]:

@@ -20,10 +20,12 @@ import requests
 
 from controller.core import Controller
 from controller.drivers.base import Driver
+from controller.errors import AutoDeployError
 from controller.gpus import NvmlGpuSource, discover_inventory
 from controller.health_checker import HealthChecker
 from controller.ipc import IpcServer
-from controller.loader import load_paths
+from controller.sources import SOURCE_EVENTS, Source, SourceUpdate, SourceWatcher
+from controller.sources.folder import FolderSource
 from controller.stack import StackConfig, load_stack
 from controller.store import Store
 from controller.usage import UsageSampler
@@ -31,7 +33,6 @@ from controller.usage import UsageSampler
 log = logging.getLogger("autodeploy.serve")
 
 TICK_S = 0.1
-WATCH_S = 0.5
 
 
 @dataclass
@@ -50,6 +51,11 @@ class ServeOptions:
     graceful_timeout: float = 30.0
     stop_timeout: float = 10.0
     trusted_proxies: tuple[str, ...] = ()  # X-Forwarded-For is believed only from these (CIDRs)
+    # A git source instead of the folder (controller.sources.git); None: the stack's autodeploy:git.
+    git_repo: str | None = None
+    git_branch: str | None = None
+    git_path: str | None = None
+    git_interval: str | None = None
 
 
 def make_driver(name: str, opts: ServeOptions, stack: StackConfig, store: Store) -> Driver:
@@ -65,21 +71,6 @@ def make_driver(name: str, opts: ServeOptions, stack: StackConfig, store: Store)
         return PulumiDriver(project_dir=opts.project_dir, stack_name=stack.name,
                             on_event=lambda kind, msg: store.event(f"stack:{stack.name}", kind, msg))
     raise SystemExit(f"unknown driver {name!r}: use local, docker or pulumi")
-
-
-def _spec_signature(directory: Path) -> tuple:
-    try:
-        entries = sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml"))
-    except FileNotFoundError:
-        return ()
-    sig = []
-    for p in entries:
-        try:
-            st = p.stat()
-        except FileNotFoundError:
-            continue
-        sig.append((p.name, st.st_mtime_ns, st.st_size))
-    return tuple(sig)
 
 
 def _socket_path(state_dir: Path) -> str:
@@ -112,6 +103,9 @@ class Server:
         self.opts = opts
         self.stack = load_stack(opts.project_dir, opts.stack)
         self.deployments_dir = opts.deployments or (opts.project_dir / self.stack.deployments_dir)
+        if opts.git_repo and opts.deployments:
+            raise SystemExit("--git-repo and --deployments exclude each other: serve follows a git branch "
+                             "or reads a folder")
         self.host = opts.host or self.stack.gateway_host
         self.port = opts.port or self.stack.gateway_port
         opts.state_dir.mkdir(parents=True, exist_ok=True)
@@ -131,20 +125,59 @@ class Server:
         self.usage = UsageSampler(self.controller, self.nvml)
         self.stop = threading.Event()
         self.gunicorn: subprocess.Popen | None = None
+        self.source = self._make_source()
+        self.watcher = SourceWatcher(self.source, self._apply, events=self._source_events)
+        self.controller.source = self.watcher
 
-    def load(self) -> None:
+    def _load_args(self) -> dict:
         # The files that serve each name now keep it: a newcomer reusing one is the duplicate.
         owners = {name: rt.spec.source_file for name, rt in list(self.controller.deps.items()) if not rt.removed}
         local = self.driver_name == "local"
-        result = load_paths([self.deployments_dir], require_image=not local, owners=owners,
-                            local_gateway_port=self.port if local else None)
-        for warning in result.warnings:
+        return {"require_image": not local, "owners": owners, "local_gateway_port": self.port if local else None}
+
+    def _make_source(self) -> Source:
+        o, git = self.opts, self.stack.git
+        if not o.git_repo and (git is None or o.deployments):
+            return FolderSource(self.deployments_dir, self._load_args)
+        from controller.sources.git import GitMirror, GitSource, check_options, mirror_dir
+        from controller.sources.secrets import resolve_credential
+        try:
+            if o.git_repo:  # the command line wins over the stack config, key by key
+                opts = check_options(o.git_repo, o.git_branch or "main", o.git_path or "deployments",
+                                     o.git_interval or "30s")
+            else:
+                assert git is not None
+                opts = check_options(git.repo, o.git_branch or git.branch, o.git_path or git.path,
+                                     o.git_interval or git.interval,
+                                     credential=resolve_credential(self.stack, git.credential, o.project_dir),
+                                     username=git.username)
+        except AutoDeployError as exc:
+            raise SystemExit(f"error {exc.error.code}: {exc.message}") from None
+        mirror = GitMirror(mirror_dir(self.opts.state_dir, opts), opts)
+        return GitSource(opts, mirror, self._load_args,
+                         on_event=lambda kind, msg: self.store.event(SOURCE_EVENTS, kind, msg))
+
+    def _source_events(self) -> list[dict]:
+        return [{"at": e.at, "kind": e.kind, "message": e.message}
+                for e in self.store.events(SOURCE_EVENTS, limit=30)]
+
+    def _apply(self, update: SourceUpdate) -> None:
+        for warning in update.result.warnings:
             log.warning("spec warning: %s", warning)
-        self.controller.apply(result)
+        self.controller.apply(update.result, commit=update.commit)
+
+    def load(self) -> None:
+        self.watcher.load_initial()
+
+    def _describe_source(self) -> str:
+        st = self.source.status()
+        if st["kind"] == "git":
+            return f"deployments from git {st['repo']} branch {st['branch']} path {st['path']}"
+        return f"deployments in {self.deployments_dir}"
 
     def run(self) -> int:
-        log.info("stack %s, driver %s, GPU inventory from %s, deployments in %s", self.stack.name,
-                 self.driver_name, self.inventory.source, self.deployments_dir)
+        log.info("stack %s, driver %s, GPU inventory from %s, %s", self.stack.name,
+                 self.driver_name, self.inventory.source, self._describe_source())
         self.load()
         self.controller.adopt_stored()
         ipc = IpcServer(self.ipc_path, self.controller)
@@ -152,7 +185,7 @@ class Server:
         self.health.start()
         self.usage.start()
         threads = [threading.Thread(target=self._loop, name="reconcile", daemon=True),
-                   threading.Thread(target=self._watch, name="watch", daemon=True)]
+                   threading.Thread(target=self.watcher.run, args=(self.stop,), name="watch", daemon=True)]
         for t in threads:
             t.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -211,18 +244,6 @@ class Server:
             except Exception:  # noqa: BLE001 - the loop must survive one bad pass; it is logged
                 log.exception("reconcile pass failed")
             self.stop.wait(TICK_S)
-
-    def _watch(self) -> None:
-        last = _spec_signature(self.deployments_dir)
-        while not self.stop.wait(WATCH_S):
-            sig = _spec_signature(self.deployments_dir)
-            if sig != last:
-                last = sig
-                log.info("deployments changed in %s: reloading", self.deployments_dir)
-                try:
-                    self.load()
-                except Exception:  # noqa: BLE001 - a reload failure must not stop serving
-                    log.exception("reload failed; the last good revisions keep serving")
 
     def _shutdown(self, ipc: IpcServer) -> None:
         log.info("shutting down: draining the gateway, then stopping instances")

@@ -99,6 +99,19 @@ class NodeConfig:
     prices: Prices | None = None  # None: the stack's autodeploy:prices
 
 
+@dataclass(frozen=True)
+class GitStackConfig:
+    """`autodeploy:git`: serve follows this branch instead of reading `deploymentsDir`."""
+    repo: str
+    branch: str = "main"
+    path: str = "deployments"
+    interval: str = "30s"
+    # A config key (e.g. autodeploy:gitToken) holding a Pulumi secret: the password or token
+    # for an https remote. Only the key is read here; serve decrypts it with the Pulumi CLI.
+    credential: str | None = None
+    username: str | None = None
+
+
 @dataclass
 class StackConfig:
     name: str
@@ -116,6 +129,7 @@ class StackConfig:
     prices: Prices = field(default_factory=Prices)
     # autodeploy:nodes; empty: one node from dockerHost and gpus (see `effective_nodes`).
     nodes: list[NodeConfig] = field(default_factory=list)
+    git: GitStackConfig | None = None
     # Every other config key, verbatim (other namespaces, secrets as {"secure": ...}),
     # for the Pulumi program; nothing here is decrypted.
     extra: dict[str, Any] = field(default_factory=dict)
@@ -453,6 +467,32 @@ def prices_for(stack: StackConfig, node: str | None) -> Prices:
     return stack.prices
 
 
+def _git(value: Any) -> GitStackConfig | None:
+    from controller.sources.git import check_options  # the same checks as `serve --git-repo`
+    value = _structured(value, "value")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _Invalid(f"must be a mapping {{repo, branch, path, interval, credential, username}}, got {value!r}")
+    _check_keys(value, ("repo", "branch", "path", "interval", "credential", "username"), "value")
+    if "repo" not in value:
+        raise _Invalid("needs `repo` (the repository URL)")
+    texts = {k: (str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and k == "interval"
+                 else _as_text(v, k)) for k, v in value.items()}
+    credential = texts.get("credential")
+    if credential is not None and (":" not in credential or credential.startswith(":")):
+        raise _Invalid(f"credential must name a config key holding a secret, such as {NAMESPACE}:gitToken "
+                       f"(set it with `pulumi config set --secret {NAMESPACE}:gitToken TOKEN`), got {credential!r}")
+    cfg = GitStackConfig(repo=texts["repo"], branch=texts.get("branch", "main"),
+                         path=texts.get("path", "deployments"), interval=texts.get("interval", "30s"),
+                         credential=credential, username=texts.get("username"))
+    try:
+        check_options(cfg.repo, cfg.branch, cfg.path, cfg.interval)
+    except AutoDeployError as exc:
+        raise _Invalid(exc.detail) from None
+    return cfg
+
+
 # Config key -> (StackConfig field, check).
 _KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "driver": ("driver", _driver),
@@ -466,6 +506,7 @@ _KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "prices": ("prices", _prices),
     "trustedProxies": ("trusted_proxies", _trusted_proxies),
     "nodes": ("nodes", _nodes),
+    "git": ("git", _git),
 }
 
 

@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS ledger (
 );
 CREATE TABLE IF NOT EXISTS revisions (
   deployment TEXT NOT NULL, number INTEGER NOT NULL, revision TEXT NOT NULL, applied_at REAL NOT NULL,
-  source_file TEXT NOT NULL, content TEXT NOT NULL, PRIMARY KEY (deployment, number)
+  source_file TEXT NOT NULL, content TEXT NOT NULL,
+  commit_sha TEXT, commit_author TEXT, commit_subject TEXT, PRIMARY KEY (deployment, number)
 );
 CREATE TABLE IF NOT EXISTS overrides (
   deployment TEXT PRIMARY KEY, base TEXT NOT NULL, data TEXT NOT NULL, at REAL NOT NULL
@@ -61,6 +62,26 @@ class StoredInstance:
     price_per_hour: float
 
 
+# Columns added after the first release: (table, column, type). A database made before
+# them gets them on open (ALTER TABLE ADD COLUMN keeps every row; old rows read NULL).
+MIGRATIONS: tuple[tuple[str, str, str], ...] = (
+    ("revisions", "commit_sha", "TEXT"),
+    ("revisions", "commit_author", "TEXT"),
+    ("revisions", "commit_subject", "TEXT"),
+)
+
+
+@dataclass(frozen=True)
+class Commit:
+    """The git commit a revision came from (a git source); folder revisions have none."""
+    sha: str
+    author: str
+    subject: str
+
+    def to_json(self) -> dict:
+        return {"sha": self.sha, "short": self.sha[:12], "author": self.author, "subject": self.subject}
+
+
 @dataclass(frozen=True)
 class RevisionRow:
     deployment: str
@@ -69,6 +90,7 @@ class RevisionRow:
     applied_at: float
     source_file: str
     content: dict
+    commit: Commit | None = None
 
 
 class Store:
@@ -81,6 +103,13 @@ class Store:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        for table, column, kind in MIGRATIONS:
+            have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})").fetchall()}
+            if column not in have:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     @classmethod
     def read_only(cls, path: Path) -> "Store":
@@ -169,8 +198,9 @@ class Store:
 
     # revisions ---------------------------------------------------------------
     def record_revision(self, deployment: str, revision: str, source_file: str, content: dict,
-                        at: float | None = None) -> int:
-        """Store a newly applied revision; returns its number (unchanged content: the last number)."""
+                        at: float | None = None, commit: Commit | None = None) -> int:
+        """Store a newly applied revision; returns its number (unchanged content: the last number).
+        `commit` is the git commit that brought this content (a git source)."""
         with self._lock:
             last = self._db.execute(
                 "SELECT number, revision FROM revisions WHERE deployment=? ORDER BY number DESC LIMIT 1",
@@ -178,14 +208,28 @@ class Store:
             if last and last[1] == revision:
                 return int(last[0])
             number = (last[0] + 1) if last else 1
-            self._db.execute("INSERT INTO revisions VALUES (?,?,?,?,?,?)",
-                             (deployment, number, revision, time.time() if at is None else at,
-                              source_file, json.dumps(content, default=str)))
+            self._db.execute(
+                "INSERT INTO revisions (deployment, number, revision, applied_at, source_file, content,"
+                " commit_sha, commit_author, commit_subject) VALUES (?,?,?,?,?,?,?,?,?)",
+                (deployment, number, revision, time.time() if at is None else at, source_file,
+                 json.dumps(content, default=str), commit.sha if commit else None,
+                 commit.author if commit else None, commit.subject if commit else None))
             return number
 
+    _REVISION_COLUMNS = ("deployment, number, revision, applied_at, source_file, content,"
+                         " commit_sha, commit_author, commit_subject")
+
     def revisions(self, deployment: str) -> list[RevisionRow]:
-        rows = self._query("SELECT * FROM revisions WHERE deployment=? ORDER BY number", (deployment,))
-        return [RevisionRow(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in rows]
+        rows = self._query(f"SELECT {self._REVISION_COLUMNS} FROM revisions WHERE deployment=? ORDER BY number",
+                           (deployment,))
+        return [_revision_row(r) for r in rows]
+
+    def revision_commit(self, deployment: str, number: int) -> Commit | None:
+        rows = self._query("SELECT commit_sha, commit_author, commit_subject FROM revisions"
+                           " WHERE deployment=? AND number=?", (deployment, number))
+        if not rows or rows[0][0] is None:
+            return None
+        return Commit(rows[0][0], rows[0][1] or "", rows[0][2] or "")
 
     def set_instance_revision(self, instance_id: str, revision: str) -> None:
         """An in-place edit: the instance now runs the new revision (same instance template)."""
@@ -213,3 +257,8 @@ class Store:
         with self._lock:
             for table in ("events", "revisions", "ledger", "instances"):
                 self._db.execute(f"DELETE FROM {table} WHERE deployment=?", (deployment,))
+
+
+def _revision_row(r: tuple) -> RevisionRow:
+    commit = Commit(r[6], r[7] or "", r[8] or "") if r[6] else None
+    return RevisionRow(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), commit)

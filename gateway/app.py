@@ -214,6 +214,19 @@ def create_app(ipc_path: str | None = None, counters_path: str | None = None, co
     def drift() -> Response:
         return _json(ipc.call("action", name="*", action="drift", args={"read_only": True})["result"])
 
+    @app.get("/api/git")
+    def source() -> Response:  # the desired-state source: repo, branch, live commit, last fetch, events
+        return _json(ipc.call("source")["source"])
+
+    # Issue #12 (access control): this endpoint must need the operator role once auth lands.
+    @app.post("/api/git/sync")
+    def git_sync() -> Response:  # a push hook calls this: poll the branch now, answer when applied
+        args = request.get_json(silent=True) or {}
+        timeout = args.get("timeout", 60) if isinstance(args, dict) else 60
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 120:
+            raise AutoDeployError(errors.BAD_REQUEST, f"timeout must be seconds from 0 to 120, got {timeout!r}")
+        return _json(ipc.call("source", sync=True, timeout=float(timeout))["source"])
+
     @app.get("/healthz")
     def healthz() -> Response:
         return _json({"ok": True, "synced": router.wait_synced(0)})

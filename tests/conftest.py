@@ -101,7 +101,8 @@ class Served:
 
 
 def start_serve(tmp: Path, files: dict[str, str], *extra: str, state_dir: Path | None = None,
-                port: int | None = None) -> Served:
+                port: int | None = None, folder: bool = True) -> Served:
+    """`folder=False`: no --deployments (the source comes from `extra`, e.g. --git-repo)."""
     deployments = tmp / "deployments"
     deployments.mkdir(exist_ok=True)
     for name, text in files.items():
@@ -109,7 +110,7 @@ def start_serve(tmp: Path, files: dict[str, str], *extra: str, state_dir: Path |
     state_dir = state_dir or tmp / "state"
     port = port or free_port()
     log_path = tmp / f"serve-{port}.log"
-    args = [str(Path(PY).parent / "autodeploy"), "serve", "--deployments", str(deployments),
+    args = [str(Path(PY).parent / "autodeploy"), "serve", *(["--deployments", str(deployments)] if folder else []),
             "--state-dir", str(state_dir), "--port", str(port), "--project-dir", str(ROOT), *extra]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)

@@ -1,0 +1,66 @@
+"""A real git remote for tests: a bare repository in a temp folder and a clone to commit from."""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+AUTHOR = "Ada Lovelace <ada@example.com>"
+_ENV = dict(os.environ, GIT_TERMINAL_PROMPT="0", GIT_CONFIG_NOSYSTEM="1", GIT_COMMITTER_NAME="CI",
+            GIT_COMMITTER_EMAIL="ci@example.com", GIT_AUTHOR_NAME="CI", GIT_AUTHOR_EMAIL="ci@example.com")
+
+
+def git(*args: str, cwd: Path | None = None) -> str:
+    proc = subprocess.run(["git", *args], cwd=cwd, env=_ENV, capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise AssertionError(f"git {' '.join(args)} failed: {proc.stderr}")
+    return proc.stdout.strip()
+
+
+class Remote:
+    """`git init --bare` plus a working clone; every commit is pushed to the bare repository."""
+
+    def __init__(self, root: Path, branch: str = "main", path: str = "deployments") -> None:
+        self.bare = root / "remote.git"
+        self.work = root / "work"
+        self.branch = branch
+        self.path = path
+        git("init", "--bare", "--quiet", f"--initial-branch={branch}", str(self.bare))
+        git("clone", "--quiet", str(self.bare), str(self.work))
+        git("checkout", "--quiet", "-B", branch, cwd=self.work)
+        (self.work / path).mkdir(parents=True, exist_ok=True)
+
+    @property
+    def url(self) -> str:
+        return f"file://{self.bare}"
+
+    def write(self, name: str, text: str) -> None:
+        (self.work / self.path / name).write_text(text)
+
+    def remove(self, name: str) -> None:
+        git("rm", "--quiet", f"{self.path}/{name}", cwd=self.work)
+
+    def commit(self, subject: str, author: str = AUTHOR, **files: str) -> str:
+        for name, text in files.items():
+            self.write(name.replace("_yaml", ".yaml"), text)
+        git("add", "-A", cwd=self.work)
+        git("commit", "--quiet", "--allow-empty", f"--author={author}", "-m", subject, cwd=self.work)
+        self.push()
+        return self.head()
+
+    def revert(self, sha: str) -> str:
+        git("revert", "--no-edit", sha, cwd=self.work)
+        self.push()
+        return self.head()
+
+    def force_reset(self, sha: str) -> str:
+        """Rewrite history: the branch goes back to `sha`, pushed with --force."""
+        git("reset", "--quiet", "--hard", sha, cwd=self.work)
+        git("push", "--quiet", "--force", "origin", f"HEAD:refs/heads/{self.branch}", cwd=self.work)
+        return self.head()
+
+    def push(self) -> None:
+        git("push", "--quiet", "origin", f"HEAD:refs/heads/{self.branch}", cwd=self.work)
+
+    def head(self) -> str:
+        return git("rev-parse", "HEAD", cwd=self.work)
