@@ -160,7 +160,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
-    _print_source(data.get("source"))
     rows = [["NAME", "STATUS", "STATE", "INSTANCES", "MODEL", "ENDPOINT", "COST"]]
     rows += [[d["name"], d["status"], d["state"], f"{d['replicas']['ready']}/{d['replicas']['current']}",
               f"{d['model']['id']}@{d['model']['version']}", f"{base}{d['endpoint']}", f"${d['cost']['total']:.4f}"]
@@ -168,6 +167,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(_table(rows))
     for err in data.get("errors", []):
         print(f"spec error: {err}")
+    _print_source(data.get("source"))
     return 0
 
 

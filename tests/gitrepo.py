@@ -64,3 +64,50 @@ class Remote:
 
     def head(self) -> str:
         return git("rev-parse", "HEAD", cwd=self.work)
+
+
+class AuthGitServer:
+    """The bare repository over git's "dumb" HTTP protocol (plain files, as a static web
+    server would serve them), behind HTTP Basic authentication: a real remote that needs a
+    credential. Records the Authorization headers it saw."""
+
+    def __init__(self, bare: Path, username: str, password: str) -> None:
+        import base64
+        import functools
+        import threading
+        from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+        expected = "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+        seen = self.seen = []
+
+        class Handler(SimpleHTTPRequestHandler):
+            def log_message(self, *_args) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                seen.append(self.headers.get("Authorization"))
+                if self.headers.get("Authorization") != expected:
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", 'Basic realm="deploy"')
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                super().do_GET()
+
+        self.bare = bare
+        self.refresh()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(bare)))
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/"
+
+    def refresh(self) -> None:
+        """The dumb protocol reads info/refs: regenerate it after a push."""
+        git("--git-dir", str(self.bare), "update-server-info")
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -18,7 +18,7 @@ from controller.sources.secrets import resolve_credential
 from controller.stack import load_stack
 from controller.store import Commit, Store
 from tests.conftest import deployment_yaml
-from tests.gitrepo import AUTHOR, Remote
+from tests.gitrepo import AUTHOR, AuthGitServer, Remote
 
 BAD = "apiVersion: autodeploy/v1\nkind: Deployment\nmetadata:\n  name: hello\nspec:\n  model: {id: echo, version: v1}\n" \
       "  command: run\n  port: 8080\n  scaling: {maxReplica: 2}\n"
@@ -225,7 +225,7 @@ def test_bad_git_options_say_what_to_change(kw, fragment):
 
 
 def _stack(tmp_path: Path, body: str) -> Path:
-    (tmp_path / "stacks").mkdir(exist_ok=True)
+    (tmp_path / "stacks").mkdir(parents=True, exist_ok=True)
     (tmp_path / "stacks" / "Pulumi.dev.yaml").write_text(body)
     return tmp_path
 
@@ -265,6 +265,48 @@ def test_a_credential_must_be_a_stack_secret_decrypted_by_the_pulumi_cli(tmp_pat
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", str(fake.parent))
     assert resolve_credential(stack, stack.git.credential, project) == "tok-from-secret"
+
+
+def test_serve_fetches_with_the_stack_secret_from_a_remote_that_needs_it_and_never_shows_it(
+        tmp_path, monkeypatch, caplog):
+    import json
+    import logging
+    from controller.serve import ServeOptions, Server
+    caplog.set_level(logging.DEBUG)
+    remote = Remote(tmp_path / "git")
+    sha = remote.commit("v1", hello_yaml=deployment_yaml("hello"))
+    http = AuthGitServer(remote.bare, "deployer", "tok-s3cret")
+    try:
+        # Without the credential, and with a wrong one: refused by the remote, reported, redacted.
+        anonymous = source(tmp_path / "a", http.url)
+        assert anonymous.initial(now=1.0) is None and anonymous.status()["last_fetch_error"].startswith("git fetch")
+        wrong = source(tmp_path / "b", http.url, credential="wrong-tok", username="deployer")
+        assert wrong.initial(now=1.0) is None and "wrong-tok" not in json.dumps(wrong.status())
+        # serve with autodeploy:git and a credential kept as a stack secret.
+        project = _stack(tmp_path / "project", f"config:\n  autodeploy:git:\n    repo: {http.url}\n"
+                         "    credential: autodeploy:gitToken\n    username: deployer\n    interval: 1s\n"
+                         "  autodeploy:gitToken:\n    secure: v1:abc\n")
+        fake = tmp_path / "bin" / "pulumi"  # FakePulumi: the CLI cannot be installed here
+        fake.parent.mkdir()
+        fake.write_text('#!/bin/sh\n# FakePulumi\n[ "$1 $2 $3" = "config get autodeploy:gitToken" ] && '
+                        'echo tok-s3cret\n')
+        fake.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+        server = Server(ServeOptions(project_dir=project, stack="dev", deployments=None,
+                                     state_dir=tmp_path / "state", host=None, port=free_port(), driver="local"))
+        try:
+            server.load()
+            assert "hello" in server.controller.deps
+            assert server.store.revisions("hello")[0].commit.sha == sha
+            shown = json.dumps(server.controller.status()) + json.dumps(server.watcher.status(events=True))
+            assert server.watcher.status()["live_commit"]["sha"] == sha and "tok-s3cret" not in shown
+        finally:
+            server.driver.close()
+            server.store.close()
+    finally:
+        http.close()
+    assert any(h and h.startswith("Basic ") for h in http.seen)
+    assert not any("tok-s3cret" in r.getMessage() or "wrong-tok" in r.getMessage() for r in caplog.records)
 
 
 OLD_REVISIONS = """CREATE TABLE revisions (

@@ -139,7 +139,7 @@ class GitMirror:
         # Our helper alone when a credential is given; otherwise the user's own git config applies.
         self._config = ["-c", "credential.helper=", "-c", f"credential.helper={_HELPER}"] \
             if opts.credential else []
-        self._config += ["-c", "http.lowSpeedLimit=1000", "-c", "http.lowSpeedTime=30", "-c", "gc.auto=0"]
+        self._config += ["-c", "http.lowSpeedLimit=1000", "-c", "http.lowSpeedTime=30"]
 
     def git(self, *args: str, timeout: float = LOCAL_TIMEOUT_S, check: bool = True,
             stdin: bytes | None = None) -> bytes:
