@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     git.add_argument("--git-branch", metavar="BRANCH", help="branch to follow (default main)")
     git.add_argument("--git-path", metavar="DIR", help="folder of Deployment YAML in the repo (default deployments)")
     git.add_argument("--git-interval", metavar="DURATION", help="poll interval (default 30s)")
+    p.add_argument("--data-plane", choices=["haproxy", "python"],
+                   help="haproxy: HAProxy carries warm traffic, the Python gateway activates; python: the "
+                        "Python gateway carries everything (default: the stack's autodeploy:dataPlane, else "
+                        "haproxy when haproxy >= 2.6 is on PATH)")
     p.add_argument("-v", "--verbose", action="store_true")
 
     p = sub.add_parser("status", help="deployments, their instances and cost")
@@ -105,7 +109,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         workers=args.workers, threads=args.threads, queue_limit=args.queue_limit,
                         queue_timeout=args.queue_timeout, graceful_timeout=args.graceful_timeout,
                         trusted_proxies=tuple(args.trusted_proxy), git_repo=args.git_repo,
-                        git_branch=args.git_branch, git_path=args.git_path, git_interval=args.git_interval)
+                        git_branch=args.git_branch, git_path=args.git_path, git_interval=args.git_interval,
+                        data_plane=args.data_plane)
     return Server(opts).run()
 
 

@@ -272,6 +272,7 @@ class Controller:
                     "sticky": rt.spec.load_balancer.sticky_sessions, "rr_slot": rt.rr_slot,
                     "revision": rt.revision_number, "split": self.rollouts.split(name),
                     "ready": [_address(r) for r in rt.by_phase("ready") if r.inst is not None and not r.unhealthy],
+                    **_proxy_fields(rt.spec),
                 }
             self._snapshot = {"version": self.version, "deployments": deps}
         return self._snapshot
@@ -709,3 +710,11 @@ def _address(rec: Rec) -> dict:
 
 def _commit_json(commit: Commit | None) -> dict | None:
     return commit.to_json() if commit is not None else None
+
+
+def _proxy_fields(spec: Deployment) -> dict:
+    """What the haproxy data plane renders a backend from (gateway/haproxy_config.backend_of)."""
+    hc = spec.load_balancer.health_check
+    return {"health": None if hc is None else {"path": hc.path, "interval": hc.interval_s, "timeout": hc.timeout_s,
+                                               "fall": hc.failure_threshold},
+            "request_timeout": getattr(spec, "request_timeout_s", None)}

@@ -68,6 +68,20 @@ GIT_SYNC_TIMEOUT = ErrorCode(1063, 504, "git sync still running",
                              "The poll goes on in the background; read the source's state with "
                              "`autodeploy status`.")
 
+# Issue 18: the haproxy data plane (gateway/haproxy_*.py); HAProxy's own errors are these.
+UPSTREAM_TIMEOUT = ErrorCode(1080, 504, "instance did not answer in time",
+                             "The instance sent no response within spec.requestTimeout; check its log or raise "
+                             "the timeout.")
+CLIENT_TIMEOUT = ErrorCode(1081, 408, "request not received in time",
+                           "Send the whole request head promptly; the gateway drops slow clients.")
+DATA_PLANE_OVERLOADED = ErrorCode(1082, 503, "proxy has no free slot",
+                                  "Retry later, or raise the data plane's maxconn.")
+DATA_PLANE_ERROR = ErrorCode(1083, 500, "proxy internal error", "Read the HAProxy log in the state directory.")
+DATA_PLANE_UNAVAILABLE = ErrorCode(1084, 503, "data plane unavailable",
+                                   "Install haproxy >= 2.6 (`apt-get install haproxy`) or use --data-plane python.")
+DATA_PLANE_COMMAND_FAILED = ErrorCode(1085, 502, "data plane command failed",
+                                      "Read the message (HAProxy's Runtime API answer); `serve -v` logs each command.")
+
 ALL: tuple[ErrorCode, ...] = tuple(v for v in list(globals().values()) if isinstance(v, ErrorCode))
 BY_CODE: dict[int, ErrorCode] = {e.code: e for e in ALL}
 

@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -56,6 +57,7 @@ class ServeOptions:
     git_branch: str | None = None
     git_path: str | None = None
     git_interval: str | None = None
+    data_plane: str | None = None  # haproxy | python; None: the stack's, else haproxy when installed
 
 
 def make_driver(name: str, opts: ServeOptions, stack: StackConfig, store: Store) -> Driver:
@@ -92,6 +94,15 @@ def _networks(items: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _choose_data_plane(requested: str | None) -> tuple[str, str]:
+    from gateway.haproxy_plane import choose_data_plane, find_haproxy, haproxy_version
+    binary = find_haproxy() if requested != "python" else None
+    try:
+        return choose_data_plane(requested, haproxy_version(binary), binary)
+    except AutoDeployError as exc:
+        raise SystemExit(f"error {exc.error.code}: {exc.message}") from None
+
+
 def _die_with_parent() -> None:
     """Runs in the gunicorn child before exec: if serve is killed, the gateway goes too."""
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -125,6 +136,8 @@ class Server:
         self.usage = UsageSampler(self.controller, self.nvml)
         self.stop = threading.Event()
         self.gunicorn: subprocess.Popen | None = None
+        self.data_plane_name, self.data_plane_why = _choose_data_plane(opts.data_plane or self.stack.data_plane)
+        self.plane = None  # gateway.haproxy_plane.HaproxyDataPlane in haproxy mode
         self.source = self._make_source()
         self.watcher = SourceWatcher(self.source, self._apply, events=self._source_events)
         self.controller.source = self.watcher
@@ -178,6 +191,7 @@ class Server:
     def run(self) -> int:
         log.info("stack %s, driver %s, GPU inventory from %s, %s", self.stack.name,
                  self.driver_name, self.inventory.source, self._describe_source())
+        log.info("data plane %s: %s", self.data_plane_name, self.data_plane_why)
         self.load()
         self.controller.adopt_stored()
         ipc = IpcServer(self.ipc_path, self.controller)
@@ -191,7 +205,11 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop.set())
         try:
-            self.gunicorn = self._spawn_gateway()
+            if self.data_plane_name == "haproxy":
+                self.gunicorn = self._spawn_gateway("127.0.0.1", self._activator_port())
+                self._start_haproxy()
+            else:
+                self.gunicorn = self._spawn_gateway(self.host, self.port)
             if self._wait_ready():
                 print(f"autodeploy ready: http://{self.host}:{self.port}/api/deployments "
                       f"(endpoints at /d/<name>/)", flush=True)
@@ -204,7 +222,34 @@ class Server:
             self._shutdown(ipc)
         return 0 if self.stop.is_set() else 1
 
-    def _spawn_gateway(self) -> subprocess.Popen:
+    def _activator_port(self) -> int:
+        """The activator's internal port, kept across restarts so an adopted HAProxy still reaches it."""
+        from controller.drivers.local import free_port
+        path = self.opts.state_dir / "haproxy" / "activator.port"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            port = int(path.read_text())
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", port))
+        except (OSError, ValueError):
+            port = free_port()
+            path.write_text(str(port))
+        return port
+
+    def _start_haproxy(self) -> None:
+        from controller.ipc import IpcClient
+        from gateway.haproxy_config import Settings
+        from gateway.haproxy_plane import HaproxyDataPlane, find_haproxy
+        binary = find_haproxy()
+        assert binary is not None  # _choose_data_plane found it
+        ipc = IpcClient(self.ipc_path)
+        settings = Settings(bind_host=self.host, bind_port=self.port, activator_host="127.0.0.1",
+                            activator_port=self._activator_port(), trusted_proxies=self.trusted_proxies,
+                            queue_timeout_s=self.opts.queue_timeout)
+        self.plane = HaproxyDataPlane(binary, self.opts.state_dir, settings, lambda **kw: ipc.call("sync", **kw))
+        self.plane.start()
+
+    def _spawn_gateway(self, host: str, port: int) -> subprocess.Popen:
         o = self.opts
         # Counters of a previous run would be added to this one's (gateway/metrics.py).
         shutil.rmtree(self.prometheus_dir, ignore_errors=True)
@@ -212,7 +257,7 @@ class Server:
         for stale in (self.inflight_path, self.inflight_path + ".lock"):
             if os.path.exists(stale):
                 os.unlink(stale)
-        cmd = [sys.executable, "-m", "gunicorn", "gateway.wsgi:app", "--bind", f"{self.host}:{self.port}",
+        cmd = [sys.executable, "-m", "gunicorn", "gateway.wsgi:app", "--bind", f"{host}:{port}",
                "-c", "python:gateway.gunicorn_conf",
                "--workers", str(o.workers), "--worker-class", "gthread", "--threads", str(o.threads),
                "--graceful-timeout", str(max(1, int(o.graceful_timeout))), "--keep-alive", "75",
@@ -221,6 +266,9 @@ class Server:
                    AUTODEPLOY_QUEUE_TIMEOUT=str(o.queue_timeout), AUTODEPLOY_INFLIGHT=self.inflight_path,
                    AUTODEPLOY_TRUSTED_PROXIES=",".join(self.trusted_proxies),
                    PROMETHEUS_MULTIPROC_DIR=str(self.prometheus_dir))
+        if self.data_plane_name == "haproxy":  # the client address comes from HAProxy (gateway/wsgi.py)
+            from gateway.haproxy_config import PEER_HEADER
+            env["AUTODEPLOY_PEER_HEADER"] = PEER_HEADER
         return subprocess.Popen(cmd, env=env, cwd=str(o.project_dir), preexec_fn=_die_with_parent)
 
     def _wait_ready(self, timeout: float = 30.0) -> bool:
@@ -248,6 +296,8 @@ class Server:
     def _shutdown(self, ipc: IpcServer) -> None:
         log.info("shutting down: draining the gateway, then stopping instances")
         self.stop.set()
+        if self.plane is not None:  # soft stop: HAProxy finishes in-flight requests first
+            self.plane.close(stop_haproxy=True, timeout=self.opts.graceful_timeout)
         if self.gunicorn is not None and self.gunicorn.poll() is None:
             self.gunicorn.send_signal(signal.SIGTERM)
             try:

@@ -126,6 +126,8 @@ class StackConfig:
     gateway_host: str = "127.0.0.1"
     # Peers whose X-Forwarded-For the gateway believes (ip-hash); `serve --trusted-proxy` overrides.
     trusted_proxies: list[str] = field(default_factory=list)
+    # haproxy | python; None: haproxy when haproxy >= 2.6 is on PATH (gateway/haproxy_plane.py).
+    data_plane: str | None = None
     prices: Prices = field(default_factory=Prices)
     # autodeploy:nodes; empty: one node from dockerHost and gpus (see `effective_nodes`).
     nodes: list[NodeConfig] = field(default_factory=list)
@@ -244,6 +246,12 @@ def _driver(value: Any) -> str:
     if value not in DRIVERS:
         raise _Invalid(f"must be one of {', '.join(DRIVERS)}, got {value!r}")
     return value
+
+
+def _data_plane(value: Any) -> str:
+    if value not in ("haproxy", "python"):
+        raise _Invalid(f"must be haproxy or python, got {value!r}")
+    return str(value)
 
 
 def _replicas(value: Any) -> dict[str, int | tuple[int, ...]]:
@@ -507,6 +515,7 @@ _KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "trustedProxies": ("trusted_proxies", _trusted_proxies),
     "nodes": ("nodes", _nodes),
     "git": ("git", _git),
+    "dataPlane": ("data_plane", _data_plane),
 }
 
 

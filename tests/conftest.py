@@ -140,12 +140,28 @@ def _kill_tree(served: Served) -> None:
         served.proc.wait()
 
 
+DATA_PLANES = ("python", "haproxy")
+
+
+@pytest.fixture(params=DATA_PLANES)
+def data_plane(request: pytest.FixtureRequest) -> str:
+    """Run a test once per data plane: a test that asks for this fixture gets `serve`
+    started with `--data-plane python` and again with `--data-plane haproxy`."""
+    return str(request.param)
+
+
 @pytest.fixture
-def serve(tmp_path: Path) -> Iterator:
-    """Start `autodeploy serve` with the given deployment files; always cleaned up."""
+def serve(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator:
+    """Start `autodeploy serve` with the given deployment files; always cleaned up.
+
+    Tests that do not ask for `data_plane` run on the python data plane (the gateway
+    itself), so the default choice (haproxy when installed) never changes them silently."""
+    plane = request.getfixturevalue("data_plane") if "data_plane" in request.fixturenames else "python"
     started: list[Served] = []
 
     def _start(files: dict[str, str], *extra: str, **kw) -> Served:
+        if "--data-plane" not in extra:
+            extra = (*extra, "--data-plane", plane)
         served = start_serve(tmp_path, files, *extra, **kw)
         started.append(served)
         return served
@@ -159,11 +175,22 @@ def serve(tmp_path: Path) -> Iterator:
             except subprocess.TimeoutExpired:
                 pass
         _kill_tree(served)
+        _stop_haproxy(served.state_dir)
         for pid in instance_pids:
             try:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+
+
+def _stop_haproxy(state_dir: Path) -> None:
+    """A SIGKILLed serve leaves its HAProxy serving (by design): stop it after the test."""
+    try:
+        pid = int((state_dir / "haproxy" / "haproxy.pid").read_text().split()[0])
+        if "haproxy" in psutil.Process(pid).name():
+            os.kill(pid, signal.SIGKILL)
+    except (OSError, ValueError, IndexError, psutil.Error):
+        pass
 
 
 def _instance_pids(served: Served) -> list[int]:

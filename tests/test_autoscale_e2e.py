@@ -59,7 +59,7 @@ class SizeWatch:
         self._thread.join(timeout=10)
 
 
-def test_concurrent_load_grows_to_max_replicas_then_shrinks_to_zero_with_reasons(serve):
+def test_concurrent_load_grows_to_max_replicas_then_shrinks_to_zero_with_reasons(serve, data_plane):
     s = serve({"auto.yaml": autoscaled("auto")})
     watch = SizeWatch(lambda: len(s.instances("auto")))
     try:

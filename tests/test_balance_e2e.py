@@ -43,7 +43,7 @@ def spread(s, name: str, clients: int, each: int) -> Counter:
         return Counter(t for ts in pool.map(client, range(clients)) for t in ts)
 
 
-def test_least_connections_sends_little_to_a_slow_instance_while_round_robin_does_not(serve):
+def test_least_connections_sends_little_to_a_slow_instance_while_round_robin_does_not(serve, data_plane):
     s = serve({"lc.yaml": balanced("lc", "least-connections"), "rr.yaml": balanced("rr", "round-robin")},
               "--workers", "2")
     for name in ("lc", "rr"):
@@ -61,7 +61,7 @@ def test_least_connections_sends_little_to_a_slow_instance_while_round_robin_doe
             assert counts[slow] >= total // 3 - 8, counts  # its turn comes whatever it is doing
 
 
-def test_ip_hash_pins_each_client_behind_a_trusted_proxy_to_one_instance(serve):
+def test_ip_hash_pins_each_client_behind_a_trusted_proxy_to_one_instance(serve, data_plane):
     s = serve({"ip.yaml": balanced("ip", "ip-hash")}, "--trusted-proxy", "127.0.0.1/32")
     scale_to(s, "ip", 3)
     chosen = {}
@@ -76,7 +76,7 @@ def test_ip_hash_pins_each_client_behind_a_trusted_proxy_to_one_instance(serve):
     assert r.headers[TARGET] == chosen["203.0.113.10"]
 
 
-def test_ip_hash_ignores_forwarded_for_from_an_untrusted_peer(serve):
+def test_ip_hash_ignores_forwarded_for_from_an_untrusted_peer(serve, data_plane):
     s = serve({"ip.yaml": balanced("ip", "ip-hash")})  # no --trusted-proxy: nobody is believed
     scale_to(s, "ip", 3)
     seen = {s.get("/d/ip/whoami", headers={"X-Forwarded-For": f"203.0.113.{i}"}).headers[TARGET]
@@ -84,7 +84,7 @@ def test_ip_hash_ignores_forwarded_for_from_an_untrusted_peer(serve):
     assert len(seen) == 1  # every request is from 127.0.0.1, whatever the header claims
 
 
-def test_sticky_cookie_keeps_a_client_on_its_instance_and_repicks_when_it_is_gone(serve):
+def test_sticky_cookie_keeps_a_client_on_its_instance_and_repicks_when_it_is_gone(serve, data_plane):
     s = serve({"st.yaml": balanced("st", "round-robin", sticky=True)}, "--workers", "2")
     ids = scale_to(s, "st", 3)
     with requests.Session() as browser:
@@ -103,7 +103,7 @@ def test_sticky_cookie_keeps_a_client_on_its_instance_and_repicks_when_it_is_gon
     assert f"autodeploy-st={r.headers[TARGET]}" in r.headers["Set-Cookie"]
 
 
-def test_route_rules_override_the_algorithm_and_the_sticky_cookie(serve):
+def test_route_rules_override_the_algorithm_and_the_sticky_cookie(serve, data_plane):
     s = serve({"ov.yaml": balanced("ov", "ip-hash", sticky=True)}, "--trusted-proxy", "127.0.0.1")
     ids = scale_to(s, "ov", 3)
     pinned = s.get("/d/ov/whoami").headers[TARGET]

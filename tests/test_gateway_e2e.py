@@ -20,7 +20,7 @@ RULE = "Deploy-Route-Rule"
 TARGET = "Deploy-Route-Target"
 
 
-def test_first_request_cold_starts_one_instance_and_answers(serve):
+def test_first_request_cold_starts_one_instance_and_answers(serve, data_plane):
     s = serve({"hello.yaml": deployment_yaml("hello")})
     assert s.status("hello")["status"] == "Standby"
     r = s.post("/d/hello/v1/predict", json={"x": 1})
@@ -33,7 +33,7 @@ def test_first_request_cold_starts_one_instance_and_answers(serve):
     assert [i["id"] for i in dep["instances"]] == [r.headers[TARGET]]
 
 
-def test_burst_at_zero_starts_exactly_one_instance(serve):
+def test_burst_at_zero_starts_exactly_one_instance(serve, data_plane):
     s = serve({"hello.yaml": deployment_yaml("hello", echo_command("--load-seconds 0.5"), max_replicas=5)})
     with ThreadPoolExecutor(50) as pool:
         responses = list(pool.map(lambda i: s.get(f"/d/hello/whoami?i={i}"), range(50)))
@@ -75,7 +75,7 @@ def test_random_and_round_robin_with_no_instance_return_1006(serve):
     assert s.instances("hello") == []
 
 
-def test_round_robin_walks_instances_in_sequence_across_workers(serve):
+def test_round_robin_walks_instances_in_sequence_across_workers(serve, data_plane):
     s = serve({"hello.yaml": deployment_yaml("hello")}, "--workers", "2")
     ids = {s.get("/d/hello/whoami", headers={RULE: "scale-out"}).headers[TARGET] for _ in range(3)}
     assert len(ids) == 3
@@ -93,7 +93,7 @@ def test_random_spreads_over_running_instances(serve):
     assert seen == ids
 
 
-def test_instance_id_rule_routes_to_that_instance_only(serve):
+def test_instance_id_rule_routes_to_that_instance_only(serve, data_plane):
     s = serve({"a.yaml": deployment_yaml("alpha"), "b.yaml": deployment_yaml("beta")})
     a1 = s.get("/d/alpha/whoami", headers={RULE: "scale-out"}).headers[TARGET]
     s.get("/d/alpha/whoami", headers={RULE: "scale-out"})
@@ -107,7 +107,7 @@ def test_instance_id_rule_routes_to_that_instance_only(serve):
     assert (other.status_code, other.json()["code"]) == (404, 1006)
 
 
-def test_unknown_and_stopped_deployments_answer_coded_errors(serve):
+def test_unknown_and_stopped_deployments_answer_coded_errors(serve, data_plane):
     s = serve({"paused.yaml": deployment_yaml("paused", state="stopped")})
     unknown = s.get("/d/nothere/x")
     assert (unknown.status_code, unknown.json()["code"]) == (404, 1001)
@@ -116,7 +116,7 @@ def test_unknown_and_stopped_deployments_answer_coded_errors(serve):
     assert s.instances("paused") == []
 
 
-def test_proxy_forwards_method_path_query_headers_and_body(serve):
+def test_proxy_forwards_method_path_query_headers_and_body(serve, data_plane):
     s = serve({"hello.yaml": deployment_yaml("hello")})
     r = requests.put(s.url + "/d/hello/some/path?a=1&b=two%20words", data=b"payload",
                      headers={"X-Custom": "yes", "Connection": "keep-alive, X-Drop-Me", "X-Drop-Me": "1",
@@ -150,7 +150,7 @@ def test_chunked_upload_is_forwarded(serve):
     assert r.json()["sha256"] == hashlib.sha256(b"".join(parts)).hexdigest()
 
 
-def test_server_sent_events_stream_before_the_response_ends(serve):
+def test_server_sent_events_stream_before_the_response_ends(serve, data_plane):
     s = serve({"hello.yaml": deployment_yaml("hello")})
     s.get("/d/hello/health")  # warm: the timing below is the stream, not the cold start
     with requests.get(s.url + "/d/hello/stream?n=5&ms=300", stream=True, timeout=30) as r:
@@ -167,7 +167,7 @@ def test_server_sent_events_stream_before_the_response_ends(serve):
     assert first_at < total / 2  # the first event came well before the last
 
 
-def test_errors_from_the_instance_pass_through_untouched(serve):
+def test_errors_from_the_instance_pass_through_untouched(serve, data_plane):
     s = serve({"hello.yaml": deployment_yaml("hello")})
     r = s.get("/d/hello/status/503")
     assert r.status_code == 503
@@ -176,7 +176,7 @@ def test_errors_from_the_instance_pass_through_untouched(serve):
     assert r.headers[TARGET]
 
 
-def test_idle_instance_is_released_after_idle_timeout(serve):
+def test_idle_instance_is_released_after_idle_timeout(serve, data_plane):
     s = serve({"hello.yaml": deployment_yaml("hello", idle="1s")})
     r = s.get("/d/hello/whoami")
     pid = r.json()["pid"]
@@ -186,7 +186,7 @@ def test_idle_instance_is_released_after_idle_timeout(serve):
     assert "release" in events and "stop" in events
 
 
-def test_requests_arriving_during_idle_release_are_all_served(serve):
+def test_requests_arriving_during_idle_release_are_all_served(serve, data_plane):
     s = serve({"hello.yaml": deployment_yaml("hello", idle="300ms")}, "--workers", "2")
     codes = []
     for i in range(30):
@@ -247,7 +247,7 @@ def test_min_replicas_are_started_at_serve_start_and_kept(serve):
     assert "crashed" in [e["kind"] for e in s.status("warm")["events"]]
 
 
-def test_crashed_instance_is_noticed_and_the_next_request_is_served(serve):
+def test_crashed_instance_is_noticed_and_the_next_request_is_served(serve, data_plane):
     s = serve({"hello.yaml": deployment_yaml("hello")})
     first = s.get("/d/hello/whoami")
     os.killpg(os.getpgid(first.json()["pid"]), signal.SIGKILL)
@@ -272,7 +272,7 @@ def test_invalid_change_is_reported_and_last_good_revision_keeps_serving(serve):
     assert s.status("hello")["replicas"]["max"] == 4
 
 
-def test_removed_deployment_drains_and_stops(serve):
+def test_removed_deployment_drains_and_stops(serve, data_plane):
     s = serve({"hello.yaml": deployment_yaml("hello"), "other.yaml": deployment_yaml("other")})
     pid = s.get("/d/other/whoami").json()["pid"]
     (s.deployments / "other.yaml").unlink()
@@ -291,7 +291,7 @@ def test_status_reports_cost_from_stack_prices(serve):
     assert abs(cost["total"] - cost["instance_seconds"] * 0.05 / 3600) < 1e-6
 
 
-def test_restart_adopts_running_instances_instead_of_duplicating(serve, tmp_path):
+def test_restart_adopts_running_instances_instead_of_duplicating(serve, tmp_path, data_plane):
     files = {"hello.yaml": deployment_yaml("hello")}
     s = serve(files)
     first = s.get("/d/hello/whoami")
@@ -308,7 +308,7 @@ def test_restart_adopts_running_instances_instead_of_duplicating(serve, tmp_path
     assert "adopted" in [e["kind"] for e in s2.status("hello")["events"]]
 
 
-def test_sigterm_finishes_in_flight_requests_and_leaves_no_process(serve):
+def test_sigterm_finishes_in_flight_requests_and_leaves_no_process(serve, data_plane):
     s = serve({"hello.yaml": deployment_yaml("hello")})
     s.get("/d/hello/whoami", headers={RULE: "scale-out"})
     s.get("/d/hello/whoami", headers={RULE: "scale-out"})

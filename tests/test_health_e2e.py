@@ -23,7 +23,7 @@ def checked(name: str, interval: str = "1", threshold: int = 3) -> str:
         """)
 
 
-def test_failing_health_check_takes_the_instance_out_of_routing_then_replaces_it(serve):
+def test_failing_health_check_takes_the_instance_out_of_routing_then_replaces_it(serve, data_plane):
     s = serve({"hc.yaml": checked("hc")}, "--workers", "2")
     sick, well = [s.get("/d/hc/whoami", headers={RULE: "scale-out"}).headers[TARGET] for _ in range(2)]
     assert s.get("/d/hc/admin/health?fail=1", headers={RULE: sick}).status_code == 200
@@ -49,7 +49,7 @@ def test_failing_health_check_takes_the_instance_out_of_routing_then_replaces_it
     assert {s.get("/d/hc/whoami").headers[TARGET] for _ in range(10)} == {well, replacement}
 
 
-def test_an_instance_that_recovers_comes_back_into_routing(serve):
+def test_an_instance_that_recovers_comes_back_into_routing(serve, data_plane):
     s = serve({"hc.yaml": checked("hc", threshold=30)})
     flaky, other = [s.get("/d/hc/whoami", headers={RULE: "scale-out"}).headers[TARGET] for _ in range(2)]
     s.get("/d/hc/admin/health?fail=1", headers={RULE: flaky})
@@ -65,7 +65,7 @@ def test_an_instance_that_recovers_comes_back_into_routing(serve):
     assert "healthy" in kinds and "unhealthy" in kinds
 
 
-def test_killing_one_of_two_instances_under_load_fails_no_request(serve):
+def test_killing_one_of_two_instances_under_load_fails_no_request(serve, data_plane):
     s = serve({"kill.yaml": checked("kill", interval="10")}, "--workers", "2")
     victim, survivor = [s.get("/d/kill/whoami", headers={RULE: "scale-out"}).headers[TARGET] for _ in range(2)]
     pid = next(i["pid"] for i in s.instances("kill") if i["id"] == victim)

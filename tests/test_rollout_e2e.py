@@ -100,7 +100,7 @@ def start_with_traffic(serve, name: str, rollout_yaml: str, min_replicas: int = 
     return s, traffic
 
 
-def test_rolling_update_replaces_every_instance_without_a_failed_request(serve):
+def test_rolling_update_replaces_every_instance_without_a_failed_request(serve, data_plane):
     s, traffic = start_with_traffic(serve, "roll", "rollout: {strategy: rolling}")
     old_ids = {i["id"] for i in s.instances("roll")}
     # The new revision takes a moment to load, so old instances must carry traffic meanwhile.
@@ -124,7 +124,7 @@ def test_rolling_update_replaces_every_instance_without_a_failed_request(serve):
     assert any("maxSurge 1, maxUnavailable 0" in e for e in log), log
 
 
-def test_blue_green_switches_all_at_once_keeps_old_set_then_stops_it(serve):
+def test_blue_green_switches_all_at_once_keeps_old_set_then_stops_it(serve, data_plane):
     bg = "rollout: {strategy: blue-green, keepOldFor: 3s}"
     s, traffic = start_with_traffic(serve, "bg", bg)
     (s.deployments / "bg.yaml").write_text(spec_v("bg", "v2", echo_command("--load-seconds 0.5"), bg))
@@ -151,7 +151,7 @@ def test_blue_green_switches_all_at_once_keeps_old_set_then_stops_it(serve):
     s.wait_for(lambda: [i["revision_number"] for i in s.instances("bg")] == [2, 2], what="old set stopped")
 
 
-def test_canary_splits_traffic_by_weight_and_promotes(serve):
+def test_canary_splits_traffic_by_weight_and_promotes(serve, data_plane):
     canary = ("rollout: {strategy: canary, steps: [30, 100], stepPause: 6s,\n"
               # This shared 2-core machine has latency noise far above the echo model's: compare
               # error rates here; p99 comparison is proven by the policy's unit tests.

@@ -1,0 +1,308 @@
+"""The HAProxy configuration of the haproxy data plane, rendered from the routing snapshot.
+
+Pure: text in, text out, no I/O. One frontend on the gateway port; per deployment a
+backend `be_<name>`; the Flask gateway (activator, API) is the backend `activator`.
+A deployment's requests go to its backend while it has a usable server, otherwise to
+the activator, which holds them and starts an instance (scale from zero). Requests
+carrying `Deploy-Route-Rule` always go to the activator, which keeps the seeds'
+semantics for rules.
+
+Servers are instances, named by their instance id, added and removed over the Runtime
+API (gateway/haproxy_runtime.py) without a reload. A reload happens only when the set
+of backends or a backend's settings change; the servers alive at that moment are then
+written into the new file so they survive it. Everything here takes plain data, so
+the Pulumi program renders the very same file for its gateway container.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+from controller import errors
+from controller.errors import ErrorCode
+
+ACTIVATOR = "activator"
+FRONTEND = "gateway"
+PEER_HEADER = "X-Autodeploy-Peer"  # the client address HAProxy saw, for the activator only
+COOKIE_PREFIX = "autodeploy-"  # gateway.balancer.cookie_name: same cookie in both data planes
+LOG_TAG = "AD1"  # request log lines start with it; HAProxy's own notices do not
+DEFAULT_REQUEST_TIMEOUT_S = 300.0
+BASE_WEIGHT = 100  # consistent hashing is coarse at weight 1 (DESIGN.md)
+MAX_WEIGHT = 256
+XFF_HOPS = 4  # trusted proxies believed in a row in X-Forwarded-For (ip-hash)
+NO_HEALTH_CHECK_INTER_S = 2.0  # TCP check that brings back a server that observe layer7 marked down
+
+# HAProxy's own error answers, as the project's coded JSON. (code, ErrorCode)
+HAPROXY_ERRORS: tuple[tuple[int, ErrorCode], ...] = (
+    (400, errors.BAD_REQUEST),
+    (408, errors.CLIENT_TIMEOUT),
+    (500, errors.DATA_PLANE_ERROR),
+    (502, errors.UPSTREAM_FAILED),
+    (503, errors.DATA_PLANE_OVERLOADED),
+    (504, errors.UPSTREAM_TIMEOUT),
+)
+
+
+@dataclass(frozen=True)
+class Health:
+    path: str
+    interval_s: float
+    timeout_s: float
+    fall: int
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One deployment's backend: what its HAProxy section depends on (servers aside)."""
+    name: str
+    algorithm: str = "round-robin"
+    sticky: bool = False
+    health: Health | None = None
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
+
+    @property
+    def section(self) -> str:
+        return backend_name(self.name)
+
+    @property
+    def cookie(self) -> str:
+        return COOKIE_PREFIX + self.name
+
+
+@dataclass(frozen=True)
+class Server:
+    id: str  # instance id: the server name, so Deploy-Route-Target names the instance
+    host: str
+    port: int
+    weight: int = BASE_WEIGHT
+    revision: str = ""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Installation-wide settings: where HAProxy listens and where its runtime files are."""
+    bind_host: str
+    bind_port: int
+    activator_host: str
+    activator_port: int
+    socket_path: str = ""  # Runtime API (stats socket, level admin)
+    log_path: str = ""  # request log: Unix datagram socket the controller reads
+    revision_map: str = ""  # server name -> Deploy-Revision, kept over the Runtime API
+    pid_file: str = ""
+    maxconn: int = 8192
+    trusted_proxies: tuple[str, ...] = ()
+    http_request_timeout_s: float = 10.0  # whole request head (slowloris)
+    keep_alive_timeout_s: float = 75.0
+    connect_timeout_s: float = 5.0
+    queue_timeout_s: float = 300.0  # the activator holds cold requests this long
+    hard_stop_after_s: float = 330.0  # an old process after a reload finishes streams within this
+
+
+def backend_name(deployment: str) -> str:
+    return f"be_{deployment}"
+
+
+def backend_of(dep: Mapping[str, Any], name: str) -> Backend:
+    """A deployment's backend from its routing-snapshot entry (controller snapshot)."""
+    h = dep.get("health")
+    health = None if not h else Health(str(h["path"]), float(h["interval"]), float(h["timeout"]),
+                                       int(h.get("fall", 3)))
+    return Backend(name=name, algorithm=str(dep.get("algorithm", "round-robin")), sticky=bool(dep.get("sticky")),
+                   health=health,
+                   request_timeout_s=float(dep.get("request_timeout") or DEFAULT_REQUEST_TIMEOUT_S))
+
+
+def server_weights(dep: Mapping[str, Any]) -> dict[str, int]:
+    """HAProxy weight per ready instance: BASE_WEIGHT each, or during a rollout the split's
+    percentages spread over each side's servers (a side at 0 % gets weight 0: no traffic)."""
+    ready = list(dep.get("ready", ()))
+    split = dep.get("split")
+    if not split:
+        return {r["id"]: BASE_WEIGHT for r in ready}
+    new = [r["id"] for r in ready if r["revision"] == split["new_revision"]]
+    old = [r["id"] for r in ready if r["revision"] != split["new_revision"]]
+    new_w, old_w = float(split["new_weight"]), float(split["old_weight"])
+    # A side with no ready instance gives its share to the other (gateway/split.py).
+    if not new or new_w <= 0:
+        return {**{i: BASE_WEIGHT for i in old}, **{i: 0 for i in new}} if old else {i: BASE_WEIGHT for i in new}
+    if not old or old_w <= 0:
+        return {**{i: BASE_WEIGHT for i in new}, **{i: 0 for i in old}}
+    total = new_w + old_w
+    out: dict[str, int] = {}
+    for side, share in ((new, new_w / total), (old, old_w / total)):
+        per = max(1, min(MAX_WEIGHT, round(MAX_WEIGHT * share / len(side))))
+        out.update({i: per for i in side})
+    return out
+
+
+def servers_of(dep: Mapping[str, Any]) -> list[Server]:
+    weights = server_weights(dep)
+    return [Server(r["id"], str(r["host"]), int(r["port"]), weights[r["id"]], str(r["revision"]))
+            for r in dep.get("ready", ())]
+
+
+def server_options(backend: Backend, weight: int) -> str:
+    """Options of one server line; `add server` (Runtime API) and the file use the same.
+    Dynamic servers ignore `default-server`, so everything is spelled out here."""
+    opts = [f"weight {int(weight)}"]
+    if backend.health is not None:
+        inter = _ms(backend.health.interval_s)
+        opts.append(f"check inter {inter} fall {backend.health.fall} rise 1")
+    else:
+        opts.append(f"check inter {_ms(NO_HEALTH_CHECK_INTER_S)} fall 3 rise 1")
+    # Passive ejection: 5 consecutive failed responses mark a server down until its check passes.
+    opts.append("observe layer7 error-limit 5 on-error mark-down")
+    return " ".join(opts)
+
+
+def error_body(code: int, err: ErrorCode) -> str:
+    detail = {408: "the request head did not arrive in time",
+              500: "the proxy failed internally; see its log",
+              502: "the instance closed the connection or answered garbage",
+              503: "no connection slot or server available; retry",
+              504: "the instance did not answer within spec.requestTimeout",
+              400: "malformed HTTP request"}.get(code, "")
+    return json.dumps({"code": err.code, "msg": f"{err.msg}: {detail}" if detail else err.msg})
+
+
+def _ms(seconds: float) -> str:
+    return f"{max(1, int(round(seconds * 1000)))}"
+
+
+def _s(seconds: float) -> str:
+    return f"{max(1, int(round(seconds * 1000)))}ms"
+
+
+def _quote(text: str) -> str:
+    if "'" in text:
+        raise ValueError(f"cannot quote {text!r} for HAProxy")
+    return f"'{text}'"
+
+
+_SAFE_PATH = re.compile(r"^/[A-Za-z0-9._~!$&()*+,;=:@%/-]*$")
+_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def render(settings: Settings, backends: Iterable[Backend],
+           servers: Mapping[str, Iterable[Server]] | None = None) -> str:
+    """The whole configuration file. `servers`: per deployment, the servers to write as
+    static lines (those alive at a reload); None or missing = none."""
+    servers = servers or {}
+    backends = sorted(backends, key=lambda b: b.name)
+    for b in backends:
+        if not _NAME.match(b.name):
+            raise ValueError(f"deployment name {b.name!r} is not a DNS label")
+        if b.health is not None and not _SAFE_PATH.match(b.health.path):
+            raise ValueError(f"health check path {b.health.path!r} has characters HAProxy cannot take")
+    longest = max([b.request_timeout_s for b in backends] + [DEFAULT_REQUEST_TIMEOUT_S])
+    s = settings
+    out: list[str] = []
+    w = out.append
+    w("# Generated by autodeploy (gateway/haproxy_config.py); edits are overwritten.")
+    w("global")
+    w("    master-worker")
+    if s.pid_file:
+        w(f"    pidfile {s.pid_file}")
+    w(f"    stats socket {s.socket_path} mode 600 level admin expose-fd listeners")
+    w("    stats timeout 30s")
+    w(f"    maxconn {int(s.maxconn)}")
+    w(f"    hard-stop-after {_s(s.hard_stop_after_s)}")
+    w(f"    log {s.log_path} len 2048 format raw local0 info")
+    w("")
+    w("defaults")
+    w("    mode http")
+    w("    log global")
+    w(f'    log-format "{LOG_TAG} %b %s %ST %Ta %tsc"')
+    w("    option dontlognull")
+    w("    option http-no-delay")  # streamed chunks (SSE, tokens) leave at once, not ~200 ms later
+    w("    option redispatch")
+    w("    retry-on conn-failure empty-response")
+    w("    retries 1")
+    w(f"    timeout connect {_s(s.connect_timeout_s)}")
+    w(f"    timeout http-request {_s(s.http_request_timeout_s)}")
+    w(f"    timeout http-keep-alive {_s(s.keep_alive_timeout_s)}")
+    w(f"    timeout client {_s(longest + 5)}")
+    w(f"    timeout server {_s(DEFAULT_REQUEST_TIMEOUT_S)}")
+    w(f"    timeout queue {_s(30)}")
+    w("    timeout tunnel 1h")
+    w(f"    timeout check {_s(5)}")
+    for code, err in HAPROXY_ERRORS:
+        w(f"    http-error status {code} content-type application/json string {_quote(error_body(code, err))}")
+    w("")
+    w(f"frontend {FRONTEND}")
+    w(f"    bind {s.bind_host}:{int(s.bind_port)}")
+    w(f"    http-request del-header {PEER_HEADER}")
+    w("    http-request set-var(txn.dep) path,field(3,/) if { path_beg /d/ }")
+    _client_address(w, s.trusted_proxies)
+    w(f"    use_backend {ACTIVATOR} if {{ req.hdr(Deploy-Route-Rule) -m found }}")
+    for b in backends:
+        w(f"    use_backend {b.section} if {{ var(txn.dep) -m str {b.name} }} {{ nbsrv({b.section}) gt 0 }}")
+    w(f"    default_backend {ACTIVATOR}")
+    for b in backends:
+        w("")
+        _backend(w, s, b, servers.get(b.name, ()))
+    w("")
+    w(f"backend {ACTIVATOR}")
+    w("    http-request set-log-level silent")  # the activator reports its own metrics
+    w(f"    http-request set-header {PEER_HEADER} %[src]")
+    w(f"    timeout server {_s(s.queue_timeout_s + longest + 10)}")
+    w(f"    server {ACTIVATOR} {s.activator_host}:{int(s.activator_port)}")
+    return "\n".join(out) + "\n"
+
+
+def _client_address(w, trusted: tuple[str, ...]) -> None:
+    """txn.client: the client's address for ip-hash, believing X-Forwarded-For only from
+    trusted proxies, hop by hop from the right (controller.policy.balance.client_ip)."""
+    w("    http-request set-var(txn.client) src")
+    if not trusted:
+        return
+    nets = " ".join(str(ipaddress.ip_network(t, strict=False)) for t in trusted)
+    for hop in range(1, XFF_HOPS + 1):
+        w(f"    http-request set-var(txn.client) req.hdr_ip(X-Forwarded-For,-{hop}) "
+          f"if {{ var(txn.client) -m ip {nets} }} {{ req.hdr_ip(X-Forwarded-For,-{hop}) -m found }}")
+
+
+def _backend(w, s: Settings, b: Backend, servers: Iterable[Server]) -> None:
+    w(f"backend {b.section}")
+    if b.algorithm == "least-connections":
+        w("    balance leastconn")
+    elif b.algorithm == "ip-hash":
+        w("    balance source" if not s.trusted_proxies else "    balance hash var(txn.client)")
+        w("    hash-type consistent")
+    else:
+        w("    balance roundrobin")
+    w(f"    timeout server {_s(b.request_timeout_s)}")
+    # One X-Forwarded-For line, "prior, client", as the python data plane writes it.
+    w('    http-request set-header X-Forwarded-For "%[req.fhdr(X-Forwarded-For)], %[src]" '
+      "if { req.fhdr(X-Forwarded-For) -m found }")
+    w("    http-request set-header X-Forwarded-For %[src] if !{ req.fhdr(X-Forwarded-For) -m found }")
+    w("    http-request set-header X-Forwarded-Proto http if !{ req.hdr(X-Forwarded-Proto) -m found }")
+    w("    http-request set-header X-Forwarded-Host %[req.hdr(host)] if !{ req.hdr(X-Forwarded-Host) -m found }")
+    w(f"    http-request replace-path ^/d/{b.name}/?(.*) /\\1")
+    if b.health is not None:
+        w("    option httpchk")
+        w(f"    http-check send meth GET uri {b.health.path}")
+        w("    http-check expect status 200-399")
+        w(f"    timeout check {_s(b.health.timeout_s)}")
+    if b.sticky:
+        # Dynamic servers refuse `cookie`: the cookie (the instance id, as in python mode)
+        # is a key in a stick table the controller fills with instance id -> server.
+        w("    stick-table type string len 64 size 100k")
+        w(f"    stick match req.cook({b.cookie})")
+        w(f"    http-request set-var(txn.sticky) req.cook({b.cookie})")
+        w("    http-response set-var(txn.srv) srv_name")
+        w(f'    http-response add-header Set-Cookie "{b.cookie}=%s; Path=/d/{b.name}; HttpOnly; SameSite=Lax" '
+          "if !{ var(txn.sticky),strcmp(txn.srv) eq 0 }")
+    w("    http-response set-header Deploy-Route-Target %s")
+    w(f"    http-response set-header Deploy-Revision %[srv_name,map({s.revision_map},0)]")
+    for srv in servers:
+        w(f"    server {srv.id} {srv.host}:{int(srv.port)} {server_options(b, srv.weight)}")
+
+
+def revision_map_text(servers: Mapping[str, Iterable[Server]]) -> str:
+    """The revision map file written next to a rendered config: server name -> revision."""
+    return "".join(f"{srv.id} {srv.revision}\n" for group in servers.values() for srv in group)
+

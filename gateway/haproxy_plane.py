@@ -1,0 +1,403 @@
+"""The haproxy data plane: HAProxy carries warm traffic; the controller programs it.
+
+`HaproxyDataPlane` is, to the controller, one more gateway worker: it syncs over the
+controller's IPC socket like a gunicorn worker does (worker id -1), receives every
+routing snapshot, makes HAProxy's servers match it through the Runtime API, and only
+then acknowledges the snapshot's version. What it reports back comes from HAProxy:
+in-flight counts (`scur` + `qcur`) and activity (`stot`, `lastsess`) from `show stat`,
+request counts, errors and latencies from the request log. So idle release, drains
+and autoscaling work unchanged: an instance the controller takes out of the snapshot
+is set to `drain` here, and the controller stops it only once this worker reports the
+new version with nothing in flight on it; it is deleted from HAProxy when its last
+session ends.
+
+Reloads happen only when the set of backends or a backend's settings change
+(deployments added or removed); HAProxy's master-worker mode passes the listening
+sockets to the new process, so no request fails. `HaproxyProcess` owns the process:
+started detached with a pid file in the state directory so that it outlives a
+SIGKILLed `serve`, adopted by the next `serve` on the same state directory.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import psutil
+
+from controller import errors
+from controller.errors import AutoDeployError
+from gateway.haproxy_config import (Backend, Server, Settings, backend_name, backend_of, render,
+                                    revision_map_text, server_options, servers_of)
+from gateway.haproxy_runtime import RequestLog, RuntimeApi, ServerStat
+
+log = logging.getLogger("autodeploy.haproxy")
+
+MIN_VERSION = (2, 6)
+WORKER_ID = -1  # gunicorn workers sync with their pids; the data plane with this
+SYNC_WAIT_S = 0.25
+START_TIMEOUT_S = 15.0
+RELOAD_TIMEOUT_S = 15.0
+
+
+# ---------------------------------------------------------------------- choosing a data plane
+def haproxy_version(binary: str | None) -> tuple[int, int] | None:
+    """(major, minor) of `binary -v`, or None when it is missing or does not run."""
+    if not binary:
+        return None
+    try:
+        out = subprocess.run([binary, "-v"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"version (\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def choose_data_plane(requested: str | None, version: tuple[int, int] | None,
+                      binary: str | None) -> tuple[str, str]:
+    """(data plane, why). `requested`: --data-plane or the stack's autodeploy:dataPlane."""
+    found = f"haproxy {version[0]}.{version[1]} at {binary}" if version and binary else None
+    if requested == "python":
+        return "python", "asked for python"
+    if requested == "haproxy":
+        if version is None or version < MIN_VERSION:
+            raise AutoDeployError(errors.DATA_PLANE_UNAVAILABLE,
+                                  f"--data-plane haproxy needs haproxy >= 2.6 on PATH; found "
+                                  f"{found or 'none'}")
+        return "haproxy", f"asked for haproxy; {found}"
+    if requested not in (None, ""):
+        raise AutoDeployError(errors.BAD_REQUEST, f"data plane {requested!r}: use haproxy or python")
+    if version is not None and version >= MIN_VERSION:
+        return "haproxy", f"{found} is on PATH"
+    if version is not None:
+        return "python", f"{found} is older than 2.6"
+    return "python", "no haproxy on PATH (apt-get install haproxy for the faster data plane)"
+
+
+def runtime_dir(state_dir: Path) -> Path:
+    """Where the sockets go: the state directory, or a short stable path when that one is
+    too long for AF_UNIX (108 bytes); stable so a restarted serve finds the same sockets."""
+    path = state_dir.resolve() / "haproxy"
+    if len(str(path / "haproxy-log.sock")) < 100:
+        return path
+    digest = hashlib.sha256(str(path).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"autodeploy-{digest}"
+
+
+# ---------------------------------------------------------------------- the process
+class HaproxyProcess:
+    """Start, adopt, reload and stop one HAProxy master (pid file in the state directory)."""
+
+    def __init__(self, binary: str, state_dir: Path, api: RuntimeApi) -> None:
+        self.binary = binary
+        self.dir = state_dir / "haproxy"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.config_path = self.dir / "haproxy.cfg"
+        self.pid_file = self.dir / "haproxy.pid"
+        self.log_path = self.dir / "haproxy.log"
+        self.api = api
+
+    def master_pid(self) -> int | None:
+        """The running master of this state directory, or None."""
+        try:
+            pid = int(self.pid_file.read_text().split()[0])
+            proc = psutil.Process(pid)
+            if proc.status() == psutil.STATUS_ZOMBIE or "haproxy" not in proc.name():
+                return None
+            return pid if str(self.config_path) in " ".join(proc.cmdline()) else None
+        except (OSError, ValueError, IndexError, psutil.Error):
+            return None
+
+    def check(self, path: Path) -> None:
+        res = subprocess.run([self.binary, "-c", "-q", "-f", str(path)], capture_output=True, text=True, timeout=30)
+        if res.returncode != 0:
+            raise AutoDeployError(errors.DATA_PLANE_COMMAND_FAILED,
+                                  f"HAProxy refused the generated config {path}: {(res.stdout + res.stderr)[-2000:]}")
+
+    def _write(self, text: str, revision_map: str, map_text: str) -> None:
+        tmp = self.config_path.with_suffix(".new")
+        tmp.write_text(text)
+        Path(revision_map).write_text(map_text)
+        self.check(tmp)
+        os.replace(tmp, self.config_path)
+
+    def start(self, text: str, revision_map: str, map_text: str) -> int:
+        self._write(text, revision_map, map_text)
+        with open(self.log_path, "ab") as out:
+            # -D: the master detaches (own session), so a SIGKILLed serve leaves it serving.
+            res = subprocess.run([self.binary, "-W", "-D", "-f", str(self.config_path), "-p", str(self.pid_file)],
+                                 stdout=out, stderr=subprocess.STDOUT, timeout=START_TIMEOUT_S,
+                                 start_new_session=True)
+        if res.returncode != 0:
+            raise AutoDeployError(errors.DATA_PLANE_UNAVAILABLE,
+                                  f"haproxy exited with {res.returncode}: {self._log_tail()}")
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            pid = self.master_pid()
+            if pid is not None and self.api.alive():
+                return pid
+            time.sleep(0.02)
+        raise AutoDeployError(errors.DATA_PLANE_UNAVAILABLE, f"haproxy did not answer in time: {self._log_tail()}")
+
+    def reload(self, text: str, revision_map: str, map_text: str) -> None:
+        """Seamless: the master re-executes with the new file and hands the listening
+        sockets to the new worker; the old one finishes its requests (hard-stop-after)."""
+        pid = self.master_pid()
+        if pid is None:
+            raise AutoDeployError(errors.DATA_PLANE_UNAVAILABLE, "haproxy is not running")
+        self._write(text, revision_map, map_text)
+        old_worker = self.api.info().get("Pid")
+        os.kill(pid, signal.SIGUSR2)
+        deadline = time.monotonic() + RELOAD_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                if self.api.info().get("Pid") not in (None, old_worker):
+                    return
+            except AutoDeployError:
+                pass
+            time.sleep(0.02)
+        raise AutoDeployError(errors.DATA_PLANE_UNAVAILABLE, f"haproxy reload did not finish: {self._log_tail()}")
+
+    def stop(self, timeout: float) -> None:
+        """Soft stop (listeners close, in-flight requests finish, idle keep-alive
+        connections close), bounded by `timeout`; then terminate, then kill."""
+        pid = self.master_pid()
+        if pid is None:
+            return
+        for sig, wait in ((signal.SIGUSR1, timeout), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                break
+            if _wait_gone(pid, wait):
+                break
+        try:
+            self.pid_file.unlink()
+        except FileNotFoundError:
+            pass
+
+    def _log_tail(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-1500:]
+        except OSError:
+            return ""
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    """True once `pid` has exited (a zombie counts: the detached master is init's to reap)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+
+
+# ---------------------------------------------------------------------- the data plane
+class HaproxyDataPlane:
+    def __init__(self, binary: str, state_dir: Path, settings: Settings,
+                 sync: Callable[..., dict]) -> None:
+        """`settings`: bind address, activator address, limits (socket paths are filled in
+        here); `sync`: the controller's sync call (IpcClient.call bound to "sync")."""
+        rdir = runtime_dir(state_dir)
+        rdir.mkdir(parents=True, exist_ok=True)
+        self.settings = Settings(**{**settings.__dict__, "socket_path": str(rdir / "haproxy.sock"),
+                                    "log_path": str(rdir / "haproxy-log.sock"),
+                                    "revision_map": str(state_dir.resolve() / "haproxy" / "revisions.map"),
+                                    "pid_file": ""})
+        self.api = RuntimeApi(self.settings.socket_path)
+        self.process = HaproxyProcess(binary, state_dir.resolve(), self.api)
+        self._sync = sync
+        self.requests = RequestLog(self.settings.log_path)
+        self._backends: dict[str, Backend] | None = None  # None: the running config is unknown
+        self._snapshot: dict = {"version": 0, "deployments": {}}
+        self._applied = 0
+        self._stot: dict[tuple[str, str], tuple[int, int]] = {}  # (backend, server) -> (stot, 5xx) last seen
+        self._map: dict[str, str] = {}
+        self._last_stats: list[ServerStat] = []  # `show stat` after the last apply
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.adopted = False
+
+    # -------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        """Boot, then keep HAProxy in step with the controller's snapshots in a thread."""
+        self.boot()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="haproxy-plane")
+        self._thread.start()
+
+    def boot(self) -> None:
+        """Adopt the HAProxy a previous serve left running on this state directory, or start one."""
+        pid = self.process.master_pid()
+        if pid is not None and self.api.alive():
+            self.adopted = True
+            log.info("adopted the running HAProxy (master pid %s)", pid)
+            self._map = self.api.show_map(self.settings.revision_map)
+        else:
+            text = render(self.settings, [])
+            pid = self.process.start(text, self.settings.revision_map, "")
+            self._backends = {}
+            self._map = {}
+            log.info("started HAProxy (master pid %s) on %s:%s", pid, self.settings.bind_host, self.settings.bind_port)
+
+    def close(self, stop_haproxy: bool, timeout: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if stop_haproxy:
+            self.process.stop(timeout)
+        self.requests.close()
+
+    # -------------------------------------------------------------- the loop
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.step()
+            except AutoDeployError as exc:
+                log.warning("data plane: %s", exc.message)
+                self._stop.wait(0.5)
+            except Exception:  # noqa: BLE001 - one bad pass must not stop the data plane; it is logged
+                log.exception("data plane pass failed")
+                self._stop.wait(0.5)
+
+    def step(self) -> None:
+        """Program HAProxy to the last snapshot, measure, report, take the next snapshot."""
+        snapshot = self._snapshot
+        changed = self.apply(snapshot)
+        stats = self._last_stats
+        self._applied = snapshot["version"]
+        inflight, activity = self._measure(stats)
+        reply = self._sync(worker=WORKER_ID, version=self._applied, inflight=inflight, activity=activity,
+                           wait=SYNC_WAIT_S if self._applied else 0, metrics=self.requests.take())
+        if "snapshot" in reply:
+            self._snapshot = reply["snapshot"]
+
+    def apply(self, snapshot: dict) -> bool:
+        """Make HAProxy match `snapshot`; True when a command changed something."""
+        deps = snapshot["deployments"]
+        backends = {name: backend_of(dep, name) for name, dep in deps.items()}
+        desired = {name: servers_of(dep) for name, dep in deps.items()}
+        changed = False
+        if backends != self._backends:
+            self._reload(backends, desired)
+            changed = True
+        stats = self.api.show_stat()
+        actual = {(s.backend, s.name): s for s in stats}
+        wanted: set[tuple[str, str]] = set()
+        for name, servers in desired.items():
+            b = backends[name]
+            be = b.section
+            for srv in servers:
+                wanted.add((be, srv.id))
+                changed |= self._ensure_server(b, srv, actual.get((be, srv.id)))
+        for key, st in actual.items():
+            if key not in wanted:
+                changed |= self._retire(backends, st)
+        if any(b.sticky for b in backends.values()):
+            changed |= self._ensure_sticky(backends, desired, changed)
+        self._last_stats = self.api.show_stat() if changed else stats
+        return changed
+
+    def _reload(self, backends: dict[str, Backend], desired: dict[str, list[Server]]) -> None:
+        text = render(self.settings, backends.values(), desired)
+        map_text = revision_map_text(desired)
+        self.process.reload(text, self.settings.revision_map, map_text)
+        log.info("HAProxy reloaded: backends %s", ", ".join(sorted(backends)) or "none")
+        self._backends = dict(backends)
+        self._map = self.api.show_map(self.settings.revision_map)
+        self._stot.clear()
+
+    def _ensure_server(self, b: Backend, srv: Server, st: ServerStat | None) -> bool:
+        be = b.section
+        changed = False
+        if st is None:
+            self.api.add_server(be, srv.id, srv.host, srv.port, server_options(b, srv.weight))
+            self.api.enable_health(be, srv.id)
+            self.api.enable_server(be, srv.id)
+            self._stot[(be, srv.id)] = (0, 0)
+            changed = True
+        else:
+            if st.admin_state != "READY":  # revived while draining
+                self.api.set_state(be, srv.id, "ready")
+                changed = True
+            if st.weight != srv.weight:
+                self.api.set_weight(be, srv.id, srv.weight)
+                changed = True
+        if self._map.get(srv.id) != srv.revision:
+            self.api.set_map(self.settings.revision_map, srv.id, srv.revision, srv.id in self._map)
+            self._map[srv.id] = srv.revision
+        return changed
+
+    def _retire(self, backends: dict[str, Backend], st: ServerStat) -> bool:
+        """A server whose instance left the snapshot: drain, and delete once idle."""
+        be, name = st.backend, st.name
+        sticky = any(b.section == be and b.sticky for b in backends.values())
+        if st.admin_state == "READY":
+            self.api.set_state(be, name, "drain")
+            if sticky:
+                self.api.clear_table_key(be, name)
+            return True
+        if st.scur == 0 and st.qcur == 0:
+            if st.admin_state != "MAINT":
+                self.api.set_state(be, name, "maint")
+            self.api.del_server(be, name)
+            if name in self._map:
+                self.api.del_map(self.settings.revision_map, name)
+                self._map.pop(name, None)
+            self._stot.pop((be, name), None)
+            return True
+        return False
+
+    def _ensure_sticky(self, backends: dict[str, Backend], desired: dict[str, list[Server]], changed: bool) -> bool:
+        """Each sticky backend's table maps every instance id (the cookie) to its server."""
+        did = False
+        for name, b in backends.items():
+            if not b.sticky:
+                continue
+            ids = self.api.server_ids(b.section)
+            table = self.api.show_table(b.section)
+            for srv in desired.get(name, ()):
+                sid = ids.get(srv.id)
+                if sid is not None and table.get(srv.id) != sid:
+                    self.api.set_table_server(b.section, srv.id, sid)
+                    did = True
+        return did
+
+    def _measure(self, stats: list[ServerStat]) -> tuple[dict[str, int], dict[str, list[float]]]:
+        now = time.time()
+        inflight: dict[str, int] = {}
+        activity: dict[str, list[float]] = {}
+        for st in stats:
+            key = (st.backend, st.name)
+            busy = st.scur + st.qcur
+            if busy:
+                inflight[st.name] = inflight.get(st.name, 0) + busy
+            prev = self._stot.get(key)
+            if prev is None:
+                prev = (st.stot, st.hrsp_5xx)  # first sight (adopted, reloaded): nothing new yet
+            served = st.stot - prev[0] if st.stot >= prev[0] else st.stot
+            errs = st.hrsp_5xx - prev[1] if st.hrsp_5xx >= prev[1] else st.hrsp_5xx
+            self._stot[key] = (st.stot, st.hrsp_5xx)
+            if served > 0:
+                last = now - max(0, st.lastsess)  # when the latest request was handed to it
+                activity[st.name] = [last, served, errs]
+        return inflight, activity
+
+
+def find_haproxy() -> str | None:
+    return shutil.which("haproxy") or next((p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy")
+                                            if os.access(p, os.X_OK)), None)
+

@@ -1,0 +1,58 @@
+"""`autodeploy serve --data-plane haproxy` end to end: HAProxy carries warm traffic, the
+Flask gateway only cold starts and the API; the data plane outlives a SIGKILLed serve,
+is adopted by the next one and stops with SIGTERM."""
+from __future__ import annotations
+
+import signal
+
+import psutil
+
+from conftest import deployment_yaml
+from gateway.haproxy_runtime import RuntimeApi
+
+TARGET = "Deploy-Route-Target"
+
+
+def _api(s) -> RuntimeApi:
+    return RuntimeApi(str(s.state_dir / "haproxy" / "haproxy.sock"))
+
+
+def _master(s) -> int:
+    return int((s.state_dir / "haproxy" / "haproxy.pid").read_text().split()[0])
+
+
+def _served_by_haproxy(s, iid: str) -> int:
+    return sum(st.stot for st in _api(s).show_stat() if st.name == iid)
+
+
+def test_warm_requests_go_through_haproxy_and_only_the_cold_one_through_the_activator(serve):
+    s = serve({"hello.yaml": deployment_yaml("hello")}, "--data-plane", "haproxy")
+    assert "data plane haproxy" in s.log()
+    iid = s.get("/d/hello/whoami").headers[TARGET]  # cold: held by the activator
+    s.wait_for(lambda: any(st.name == iid for st in _api(s).show_stat()), what="server added to HAProxy")
+    for _ in range(10):
+        r = s.get("/d/hello/whoami")
+        assert r.status_code == 200 and r.headers[TARGET] == iid and r.headers["Deploy-Revision"] == "1"
+    assert _served_by_haproxy(s, iid) == 10
+    # the status API keeps its fields: requests counted from HAProxy's log and stats
+    s.wait_for(lambda: s.status("hello")["metrics"]["requests"] >= 11, what="requests in the status API")
+    assert s.instances("hello")[0]["requests_served"] >= 10
+
+
+def test_data_plane_outlives_a_sigkilled_serve_and_the_next_serve_adopts_it(serve):
+    files = {"hello.yaml": deployment_yaml("hello")}
+    s = serve(files, "--data-plane", "haproxy")
+    iid = s.get("/d/hello/whoami").headers[TARGET]
+    s.wait_for(lambda: any(st.name == iid for st in _api(s).show_stat()), what="server added to HAProxy")
+    master = _master(s)
+    s.terminate(signal.SIGKILL)
+    for _ in range(5):  # warm traffic needs no controller
+        r = s.get("/d/hello/whoami")
+        assert r.status_code == 200 and r.headers[TARGET] == iid
+    s2 = serve(files, "--data-plane", "haproxy", state_dir=s.state_dir, port=int(s.url.rsplit(":", 1)[1]))
+    assert "adopted the running HAProxy" in s2.log()
+    assert _master(s2) == master
+    assert [i["id"] for i in s2.instances("hello")] == [iid]
+    assert s2.get("/d/hello/whoami").headers[TARGET] == iid
+    assert s2.terminate() == 0
+    assert not psutil.pid_exists(master) or psutil.Process(master).status() == psutil.STATUS_ZOMBIE
