@@ -271,6 +271,7 @@ class Controller:
                     "state": rt.spec.state, "algorithm": rt.spec.load_balancer.algorithm,
                     "sticky": rt.spec.load_balancer.sticky_sessions, "rr_slot": rt.rr_slot,
                     "revision": rt.revision_number, "split": self.rollouts.split(name),
+                    "request_timeout": rt.spec.request_timeout_s,
                     "ready": [_address(r) for r in rt.by_phase("ready") if r.inst is not None and not r.unhealthy],
                     **_proxy_fields(rt.spec),
                 }

@@ -67,6 +67,15 @@ GIT_COMMIT_REFUSED = ErrorCode(1062, 422, "git commit refused",
 GIT_SYNC_TIMEOUT = ErrorCode(1063, 504, "git sync still running",
                              "The poll goes on in the background; read the source's state with "
                              "`autodeploy status`.")
+REQUEST_TIMEOUT = ErrorCode(1021, 504, "instance did not answer in time",
+                            "It sent no response headers within spec.requestTimeout (default 300s): raise it "
+                            "for slow models, or read the instance's log (`autodeploy logs NAME`).")
+UPSTREAM_BAD_RESPONSE = ErrorCode(1022, 502, "instance sent an invalid HTTP response",
+                                  "The process on the instance's port does not speak HTTP/1.1 as it should; "
+                                  "check spec.port and the server's log.")
+GATEWAY_INTERNAL = ErrorCode(1023, 500, "gateway internal error",
+                             "A gateway bug: the message names it; report it with the serve log.")
+METHOD_NOT_ALLOWED = ErrorCode(1024, 405, "method not allowed", "Use a method this path accepts (the message lists them).")
 
 # Issue 18: the haproxy data plane (gateway/haproxy_*.py); HAProxy's own errors are these.
 UPSTREAM_TIMEOUT = ErrorCode(1080, 504, "instance did not answer in time",

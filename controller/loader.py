@@ -650,6 +650,10 @@ def _semantic_errors(doc: _Doc, filename: str, require_image: bool) -> list[Spec
         add(written(auto + ("panicWindow",), auto + ("stableWindow",)),
             f"spec.scaling.autoscaling.panicWindow ({panic:g}s) must be shorter than stableWindow ({stable:g}s)")
 
+    if _duration(doc.get(_SPEC + ("requestTimeout",)), "300s") == 0:
+        add(_SPEC + ("requestTimeout",), "spec.requestTimeout is 0, so every request would time out; give "
+            "instances time to answer, e.g. 300s")
+
     if _duration(doc.get(scaling + ("startTimeout",)), "300s") == 0:
         add(scaling + ("startTimeout",), "spec.scaling.startTimeout is 0; give instances time to start, e.g. 300s")
 
@@ -746,6 +750,7 @@ def _to_deployment(doc: _Doc, filename: str) -> Deployment:
         state=spec.get("state", "running"),
         node_selector=dict(spec.get("placement", {}).get("nodeSelector", {})),
         start_timeout_s=parse_duration(sc.get("startTimeout", "300s")),
+        request_timeout_s=parse_duration(spec.get("requestTimeout", "300s")),
         source_file=filename,
         source_line=doc.line,
         raw=data,

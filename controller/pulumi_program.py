@@ -317,6 +317,7 @@ def gateway_routes(deployments: Sequence[Deployment], plans: Sequence[ContainerP
             "algorithm": dep.load_balancer.algorithm,
             "stickySessions": dep.load_balancer.sticky_sessions,
             "healthCheckPath": check.path if check else None,
+            "requestTimeout": dep.request_timeout_s,
             "instances": [{"id": p.slot_name, "address": p.network_address}
                           for p in plans if p.deployment == dep.name],
         }

@@ -94,6 +94,7 @@ class Deployment:
     rollout: Rollout = field(default_factory=Rollout)
     state: str = "running"  # running | stopped
     start_timeout_s: float = 300.0
+    request_timeout_s: float = 300.0  # spec.requestTimeout: time to the response headers
     # spec.placement.nodeSelector: labels the instance's node must carry (several nodes).
     node_selector: dict[str, str] = field(default_factory=dict)
     # Where it came from, for errors and revisions.

@@ -8,6 +8,8 @@ import time
 from typing import Iterator
 
 from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.routing import PathConverter
 
 from controller import errors
 from controller.errors import AutoDeployError
@@ -19,8 +21,9 @@ from gateway.counters import SharedCounters
 from gateway.inflight import SharedInflight
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.outliers import CONNECT_FAILED, RESET, retry_allowed
-from gateway.routing import Router, Target
-from gateway.upstream import SMALL_BODY, UpstreamConnectError, UpstreamPool, UpstreamProtocolError, UpstreamResponse
+from gateway.routing import Lease, Router
+from gateway.upstream import (SMALL_BODY, UpstreamBadRequest, UpstreamBadResponse, UpstreamConnectError, UpstreamPool,
+                              UpstreamProtocolError, UpstreamResponse, UpstreamTimeout)
 
 log = logging.getLogger("autodeploy.gateway")
 
@@ -48,6 +51,68 @@ def _hop_by_hop(headers: "object") -> set[str]:
     return HOP_BY_HOP | extra
 
 
+def upstream_target(environ: dict, name: str) -> str:
+    """The request target for the instance: the client's own bytes after `/d/<name>`.
+
+    gunicorn's RAW_URI is the request line's target as sent (WSGI strings are latin-1, so
+    it round-trips byte for byte); PATH_INFO is percent-decoded and must never be re-sent:
+    `a%2Fb%3Fc` would become `a/b?c`, `%20` would split the request line."""
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if raw is None:  # a server without the raw target: re-encode what it decoded
+        from urllib.parse import quote
+        path = environ.get("PATH_INFO", "").encode("latin-1").decode("latin-1")
+        query = environ.get("QUERY_STRING", "")
+        raw = quote(path, safe="/:@!$&'()*+,;=-._~") + ("?" + query if query else "")
+    if not raw.startswith("/"):  # absolute-form, as a forward proxy sends it: drop scheme://host
+        after = raw.find("://")
+        slash = raw.find("/", after + 3) if after >= 0 else -1
+        query = raw.find("?", after + 3) if after >= 0 else -1
+        if slash < 0 or 0 <= query < slash:
+            raw = "/" + (raw[query:] if query >= 0 else "")
+        else:
+            raw = raw[slash:]
+    path, sep, query = raw.partition("?")
+    parts = path.split("/", 3)  # ['', 'd', '<name as sent>', 'rest...']
+    rest = "/" + parts[3] if len(parts) > 3 else "/"
+    return rest + sep + query
+
+
+class AnyPath(PathConverter):
+    """`path`, but a decoded CR or LF (`%0d`, `%0a`) or a leading `/` is still a path: the target
+    is proxied raw, whatever it holds."""
+    regex = "(?s:.+?)"
+    part_isolating = False  # it spans "/" (werkzeug guesses from the regex, which holds none)
+
+
+class UpstreamAborted(Exception):
+    """Raised into the WSGI server mid-body: it closes the client's connection at once, so a
+    response cut short by the instance is never mistaken for a whole one (not an OSError:
+    servers treat those as the client's own socket failing)."""
+
+
+class _Body:
+    """The streamed response body; releases the upstream connection and the lease however the
+    server ends it (read to the end, an error, or close() before the first chunk)."""
+
+    def __init__(self, upstream: UpstreamResponse, lease: Lease, status: int) -> None:
+        self.upstream, self.lease, self.status = upstream, lease, status
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self.upstream.stream()
+        except OSError as exc:
+            log.warning("upstream %s broke mid-response: %s", self.lease.target.id, exc)
+            self.upstream.release()
+            self.lease.done(ok=False, status=self.status)
+            raise UpstreamAborted(f"{self.lease.target.id}: {exc}") from None
+        self.lease.done(ok=self.status < 500, status=self.status)
+
+    def close(self) -> None:
+        self.upstream.release()
+        # Closed before the end: the client went away, which is no fault of the instance.
+        self.lease.done(ok=self.status < 500, status=self.status)
+
+
 class Proxy:
     def __init__(self, router: Router, connect_timeout: float, read_timeout: float | None,
                  trusted_proxies: tuple[str, ...] = ()) -> None:
@@ -62,24 +127,51 @@ class Proxy:
         cookie = cookie_name(name)
         key = RequestKey(client_ip(request.remote_addr or "", request.headers.get("X-Forwarded-For"),
                                    self.trusted_proxies), request.cookies.get(cookie))
-        target = self.router.acquire(name, rule, key)
+        url = upstream_target(request.environ, name)
+        lease = self.router.lease(name, rule, key, started=started)
+        try:
+            upstream, lease = self._send(name, rule, key, url, lease)
+            set_cookie = None
+            # Only the algorithm's own picks pin a client: a route rule is a one-off override.
+            if rule is None and key.cookie != lease.target.id and self.router.sticky(name):
+                set_cookie = f"{cookie}={lease.target.id}; Path=/d/{name}; HttpOnly; SameSite=Lax"
+            return self._response(upstream, lease, set_cookie)
+        except BaseException:
+            lease.done(ok=False)  # a no-op when the response took it over or it was released
+            raise
+
+    def _send(self, name: str, rule: str | None, key: RequestKey, url: str,
+              lease: Lease) -> tuple[UpstreamResponse, Lease]:
+        """Send to the leased instance; on a failure that allows it, retry on another."""
         headers = self._upstream_headers()
         body, length = self._body()
-        url = "/" + path + (("?" + request.query_string.decode("latin-1")) if request.query_string else "")
         pinned = rule is not None and rule not in (RANDOM, ROUND_ROBIN, SCALE_OUT)
-        attempt, tried = 1, {target.id}
+        attempt, tried = 1, {lease.target.id}
+        timeout = self.router.request_timeout(name)
         while True:
+            target = lease.target
             try:
-                upstream = self.pool.request(target.host, target.port, request.method, url, headers, body, length)
-                break
+                return self.pool.request(target.host, target.port, request.method, url, headers, body, length,
+                                         timeout=timeout), lease
+            except UpstreamBadRequest as exc:
+                lease.done(ok=True)  # nothing was sent: no fault of the instance
+                raise AutoDeployError(errors.BAD_REQUEST, str(exc)) from None
             except UpstreamConnectError as exc:
                 # Nothing reached the instance: it died or is being released.
-                self.router.unreachable(target)
+                lease.unreachable()
                 if pinned:
                     raise AutoDeployError(errors.ROUTE_TARGET_NOT_FOUND, f"instance {target.id} is gone") from None
                 failure, replayable, error = CONNECT_FAILED, True, exc
+            except UpstreamTimeout as exc:
+                lease.done(ok=False)
+                if self.router.metrics is not None:
+                    self.router.metrics.upstream_failure(name, target.id, "timeout")
+                raise AutoDeployError(errors.REQUEST_TIMEOUT, f"{target.id}: {exc}") from None
+            except UpstreamBadResponse as exc:
+                lease.done(ok=False)
+                raise AutoDeployError(errors.UPSTREAM_BAD_RESPONSE, f"{target.id}: {exc}") from None
             except OSError as exc:
-                self.router.done(target, ok=False, started=started)
+                lease.done(ok=False)
                 if self.router.metrics is not None:
                     self.router.metrics.upstream_failure(name, target.id, "reset")
                 # A reset before any response byte (ProtocolError) may be resent; anything else is final.
@@ -90,14 +182,9 @@ class Proxy:
             if self.router.metrics is not None:
                 self.router.metrics.retried(name, failure)
             attempt += 1
-            target = self.router.acquire(name, rule if rule in (RANDOM, ROUND_ROBIN) else None, key,
-                                         avoid=frozenset(tried))
-            tried.add(target.id)
-        set_cookie = None
-        # Only the algorithm's own picks pin a client: a route rule is a one-off override.
-        if rule is None and key.cookie != target.id and self.router.sticky(name):
-            set_cookie = f"{cookie}={target.id}; Path=/d/{name}; HttpOnly; SameSite=Lax"
-        return self._response(upstream, target, started, set_cookie)
+            lease = self.router.lease(name, rule if rule in (RANDOM, ROUND_ROBIN) else None, key,
+                                      avoid=frozenset(tried), started=lease.started)
+            tried.add(lease.target.id)
 
     def _upstream_headers(self) -> list[tuple[str, str]]:
         drop = _hop_by_hop(request.headers) | {"host", ROUTE_RULE.lower(), "content-length",
@@ -126,8 +213,8 @@ class Proxy:
             return iter(lambda: stream.read(CHUNK), b""), None
         return None, None
 
-    def _response(self, upstream: UpstreamResponse, target: Target, started: float,
-                  set_cookie: str | None = None) -> Response:
+    def _response(self, upstream: UpstreamResponse, lease: Lease, set_cookie: str | None = None) -> Response:
+        target = lease.target
         lookup = {k.lower(): v for k, v in upstream.headers}
         drop = HOP_BY_HOP | {t.strip().lower() for t in lookup.get("connection", "").split(",") if t.strip()}
         headers = [(k, v) for k, v in upstream.headers if k.lower() not in drop]
@@ -135,33 +222,21 @@ class Proxy:
         headers.append(("Deploy-Revision", str(target.revision)))
         if set_cookie is not None:
             headers.append(("Set-Cookie", set_cookie))
-        router = self.router
         status = upstream.status
 
         if upstream.no_body or (upstream.length is not None and upstream.length <= SMALL_BODY):
             # Small answers are read whole: one write to the client, no generator to drive.
-            ok = False
             try:
                 body = upstream.read_all()
-                ok = status < 500
+            except UpstreamBadResponse as exc:
+                raise AutoDeployError(errors.UPSTREAM_BAD_RESPONSE, f"{target.id}: {exc}") from None
             except OSError as exc:
                 raise AutoDeployError(errors.UPSTREAM_FAILED, f"{target.id}: {exc}") from exc
             finally:
-                router.done(target, ok=ok, status=status, started=started)
-            return Response(body, status=status, headers=headers, direct_passthrough=True)
-
-        def stream() -> Iterator[bytes]:
-            ok = False
-            try:
-                yield from upstream.stream()
-                ok = status < 500
-            except OSError as exc:
-                log.warning("upstream %s broke mid-response: %s", target.id, exc)
-            finally:
                 upstream.release()
-                router.done(target, ok=ok, status=status, started=started)
-
-        return Response(stream(), status=status, headers=headers, direct_passthrough=True)
+            lease.done(ok=status < 500, status=status)
+            return Response(body, status=status, headers=headers, direct_passthrough=True)
+        return Response(_Body(upstream, lease, status), status=status, headers=headers, direct_passthrough=True)
 
 
 def create_app(ipc_path: str | None = None, counters_path: str | None = None, control: object | None = None) -> Flask:
@@ -176,6 +251,8 @@ def create_app(ipc_path: str | None = None, counters_path: str | None = None, co
     router = Router(ipc, SharedCounters(counters_path), acquire_timeout, SharedInflight(inflight_path), metrics)
     proxy = Proxy(router, connect_timeout=5.0, read_timeout=None, trusted_proxies=trusted)
     app = Flask("autodeploy-gateway")
+    app.url_map.converters["anypath"] = AnyPath
+    app.url_map.merge_slashes = False  # `//x` is the instance's business, not a 308 HTML redirect
     app.config["router"] = router
 
     @app.errorhandler(AutoDeployError)
@@ -190,7 +267,7 @@ def create_app(ipc_path: str | None = None, counters_path: str | None = None, co
         return Response(metrics.render(lambda: ipc.call("status")["status"]), content_type=CONTENT_TYPE)
 
     @app.route("/d/<name>", methods=METHODS, strict_slashes=False)
-    @app.route("/d/<name>/<path:path>", methods=METHODS)
+    @app.route("/d/<name>/<anypath:path>", methods=METHODS)
     def endpoint(name: str, path: str = "") -> Response:
         return proxy.forward(name, path)
 
@@ -235,6 +312,23 @@ def create_app(ipc_path: str | None = None, counters_path: str | None = None, co
     def _not_found(_exc: Exception) -> Response:
         return error_response(AutoDeployError(errors.NO_SUCH_PATH, f"{request.path}; deployments are served"
                                               " under /d/<name>/ and the API under /api/deployments"))
+
+    # No HTML error page ever: whatever Flask or a bug would answer becomes the coded JSON.
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Response:
+        if exc.code == 405:
+            allowed = ", ".join(sorted(exc.valid_methods or ())) if isinstance(exc, MethodNotAllowed) else ""
+            resp = error_response(AutoDeployError(errors.METHOD_NOT_ALLOWED, f"{request.method} {request.path}"
+                                                  + (f"; allowed: {allowed}" if allowed else "")))
+            if allowed:
+                resp.headers["Allow"] = allowed
+            return resp
+        return error_response(AutoDeployError(errors.BAD_REQUEST, f"{exc.code} {exc.name}: {exc.description}"))
+
+    @app.errorhandler(Exception)
+    def _bug(exc: Exception) -> Response:
+        log.exception("gateway error on %s %s", request.method, request.path)
+        return error_response(AutoDeployError(errors.GATEWAY_INTERNAL, f"{type(exc).__name__}: {exc}"))
 
     return app
 

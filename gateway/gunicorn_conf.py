@@ -13,3 +13,27 @@ def child_exit(server: Any, worker: Any) -> None:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
         multiprocess.mark_process_dead(worker.pid)
+
+
+def _json_write_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn's own error answers (a request line it cannot parse, headers too large, a
+    worker's unhandled error) are HTML pages; every error the gateway makes is coded JSON."""
+    import json
+
+    from gunicorn import util
+
+    from controller import errors
+    err = errors.GATEWAY_INTERNAL if status_int >= 500 else errors.BAD_REQUEST
+    detail = f"{status_int} {reason}" + (f": {mesg}" if mesg else "")
+    body = json.dumps({"code": err.code, "msg": f"{err.msg}: {detail}"}).encode()
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1", "replace")
+    util.write_nonblock(sock, head + body)
+
+
+def _install_json_errors() -> None:
+    from gunicorn import util
+    util.write_error = _json_write_error
+
+
+_install_json_errors()  # this file is imported by the master before it forks the workers

@@ -28,6 +28,7 @@ from gateway.outliers import Outliers
 log = logging.getLogger("autodeploy.gateway")
 
 SYNC_WAIT_S = 0.25
+DEFAULT_REQUEST_TIMEOUT_S = 300.0  # spec.requestTimeout's default (schemas/deployment.schema.json)
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,42 @@ class Target:
 def _target(a: dict) -> Target:
     return Target(a["id"], a["host"], int(a["port"]), a["revision"], int(a.get("slot", -1)),
                   a.get("deployment", ""))
+
+
+class Lease:
+    """One request counted in flight on one instance, released exactly once on every path.
+
+    Like Knative's lbPolicy, which hands back a release callback with the pick: the count
+    must come down whatever happens (an exception, a client that went away, a retry
+    elsewhere), or the instance looks busy forever and is never released for idleness."""
+
+    __slots__ = ("router", "target", "started", "_open")
+
+    def __init__(self, router: "Router", target: Target, started: float) -> None:
+        self.router, self.target, self.started = router, target, started
+        self._open = True
+
+    @property
+    def open(self) -> bool:
+        return self._open
+
+    def done(self, ok: bool, status: int | None = None) -> None:
+        """The request is over: `status` is the upstream's (None: no response at all)."""
+        if self._open:
+            self._open = False
+            self.router.done(self.target, ok=ok, status=status, started=self.started)
+
+    def unreachable(self) -> None:
+        """Nothing reached the instance (connect refused): released, and the instance reported."""
+        if self._open:
+            self._open = False
+            self.router.unreachable(self.target)
+
+    def __enter__(self) -> "Lease":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done(ok=False)
 
 
 class Router:
@@ -159,6 +196,16 @@ class Router:
         with self._lock:
             self._count_in(target)
         return target
+
+    def lease(self, name: str, rule: str | None, key: RequestKey = RequestKey(),
+              avoid: frozenset[str] = frozenset(), started: float | None = None) -> Lease:
+        """`acquire`, with its release bound to the returned lease."""
+        target = self.acquire(name, rule, key, avoid)
+        return Lease(self, target, time.monotonic() if started is None else started)
+
+    def request_timeout(self, name: str) -> float:
+        """spec.requestTimeout of a deployment: how long an instance has to send its headers."""
+        return float(self._snapshot["deployments"].get(name, {}).get("request_timeout", DEFAULT_REQUEST_TIMEOUT_S))
 
     def _count_in(self, target: Target) -> None:
         self._inflight[target.id] = self._inflight.get(target.id, 0) + 1

@@ -35,6 +35,7 @@ def parse_routes(routes: dict[str, Any]) -> dict[str, Any]:
                           "slot": slot * 64 + n})
         deps[name] = {"state": dep.get("state", "running"), "algorithm": dep.get("algorithm", "round-robin"),
                       "sticky": bool(dep.get("stickySessions")), "rr_slot": slot, "revision": 1, "split": None,
+                      "request_timeout": float(dep.get("requestTimeout", 300.0)),
                       "ready": ready if dep.get("state", "running") == "running" else []}
     return {"version": 1, "deployments": deps}
 

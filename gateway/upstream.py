@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections import deque
 from typing import Iterable, Iterator
 
@@ -24,6 +25,19 @@ class UpstreamConnectError(OSError):
 
 class UpstreamProtocolError(OSError):
     """The upstream sent something that is not HTTP/1.x, or closed mid-message."""
+
+
+class UpstreamBadResponse(UpstreamProtocolError):
+    """The upstream answered, but not in HTTP/1.x (bad status line, length, chunk size...):
+    a protocol error, never retried."""
+
+
+class UpstreamTimeout(OSError):
+    """The upstream did not send its response headers within the request timeout."""
+
+
+class UpstreamBadRequest(ValueError):
+    """The request cannot be written in HTTP/1.1 as it stands (not one byte was sent)."""
 
 
 class _Conn:
@@ -75,10 +89,16 @@ class UpstreamPool:
             conn.close()
 
     def request(self, host: str, port: int, method: str, target: str, headers: list[tuple[str, str]],
-                body: bytes | Iterable[bytes] | None = None, content_length: int | None = None) -> "UpstreamResponse":
+                body: bytes | Iterable[bytes] | None = None, content_length: int | None = None,
+                timeout: float | None = None) -> "UpstreamResponse":
         """Send one request; `body` is bytes (sent with Content-Length), an iterable of chunks
-        (sent with Content-Length when `content_length` is given, else chunked), or None."""
+        (sent with Content-Length when `content_length` is given, else chunked), or None.
+
+        `target` is the request target exactly as it goes on the wire. `timeout` bounds the
+        time until the response headers are in (UpstreamTimeout); the body is not bounded."""
         key = (host, port)
+        if any(c in target for c in " \r\n\t\0"):
+            raise UpstreamBadRequest(f"request target {target[:80]!r} holds a space or control character")
         if body is not None and not isinstance(body, bytes) and content_length is not None \
                 and content_length <= SMALL_BODY:
             body = b"".join(body)  # small: buffer it so a stale pooled connection can be retried
@@ -90,22 +110,35 @@ class UpstreamPool:
             head.append(f"Content-Length: {content_length}\r\n" if content_length is not None
                         else "Transfer-Encoding: chunked\r\n")
         head.append("\r\n")
-        head_bytes = "".join(head).encode("latin-1")
+        try:
+            head_bytes = "".join(head).encode("latin-1")
+        except UnicodeEncodeError as exc:
+            raise UpstreamBadRequest(f"a header holds a character HTTP/1.1 cannot carry: {exc}") from None
         replayable = body is None or isinstance(body, bytes)
+        deadline = None if timeout is None else time.monotonic() + timeout
         for attempt in (1, 2):
             conn = self._checkout(key) if (replayable and attempt == 1) else self._fresh(key)
             try:
+                conn.sock.settimeout(timeout if timeout is not None else self.read_timeout)
                 if replayable:
                     conn.sock.sendall(head_bytes + body if body else head_bytes)  # type: ignore[operator]
                 else:
                     conn.sock.sendall(head_bytes)
                     _send_stream(conn.sock, body, chunked=content_length is None)  # type: ignore[arg-type]
-                return UpstreamResponse.read(self, key, conn, method)
+                response = UpstreamResponse.read(self, key, conn, method, deadline)
+                conn.sock.settimeout(self.read_timeout)  # the body streams at the instance's pace
+                return response
+            except socket.timeout:
+                conn.close()
+                raise UpstreamTimeout(f"no response headers from {host}:{port} within {timeout:g} s") from None
             except OSError as exc:  # UpstreamProtocolError included
                 conn.close()
                 # A pooled connection the upstream closed while idle fails at once: try a new one.
-                if attempt == 1 and conn.reused and replayable and not isinstance(exc, socket.timeout):
+                if attempt == 1 and conn.reused and replayable and not isinstance(exc, UpstreamBadResponse):
                     continue
+                raise
+            except BaseException:
+                conn.close()
                 raise
         raise AssertionError("unreachable")
 
@@ -136,23 +169,41 @@ class UpstreamResponse:
         self._done = False
 
     @classmethod
-    def read(cls, pool: UpstreamPool, key: tuple[str, int], conn: _Conn, method: str) -> "UpstreamResponse":
+    def read(cls, pool: UpstreamPool, key: tuple[str, int], conn: _Conn, method: str,
+             deadline: float | None = None) -> "UpstreamResponse":
         rfile = conn.rfile
+
+        def line_in_time() -> bytes:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise socket.timeout("response headers took too long")
+                conn.sock.settimeout(left)
+            return rfile.readline(MAX_HEADER_LINE + 1)
+
         while True:
-            line = rfile.readline(MAX_HEADER_LINE)
+            line = line_in_time()
             if not line:
                 raise UpstreamProtocolError("upstream closed the connection before answering")
             parts = line.split(None, 2)
-            if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
-                raise UpstreamProtocolError(f"not an HTTP/1.x status line: {line[:80]!r}")
+            if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not line.endswith(b"\n") \
+                    or not (parts[1].isdigit() and len(parts[1]) == 3):
+                raise UpstreamBadResponse(f"not an HTTP/1.x status line: {line[:80]!r}")
             status = int(parts[1])
             headers: list[tuple[str, str]] = []
-            for _ in range(MAX_HEADERS):
-                h = rfile.readline(MAX_HEADER_LINE)
-                if h in (b"\r\n", b"\n", b""):
+            for _ in range(MAX_HEADERS + 1):
+                h = line_in_time()
+                if h in (b"\r\n", b"\n"):
                     break
-                name, _, value = h.partition(b":")
-                headers.append((name.strip().decode("latin-1"), value.strip().decode("latin-1")))
+                if not h:
+                    raise UpstreamProtocolError("upstream closed the connection inside the response headers")
+                if len(headers) == MAX_HEADERS or not h.endswith(b"\n"):
+                    raise UpstreamBadResponse(f"response headers over {MAX_HEADERS} lines or "
+                                              f"{MAX_HEADER_LINE} bytes a line")
+                name, colon, value = h.partition(b":")
+                if not colon or not name.strip() or name != name.strip():
+                    raise UpstreamBadResponse(f"not an HTTP header line: {h[:80]!r}")
+                headers.append((name.decode("latin-1"), value.strip().decode("latin-1")))
             if status >= 200 or status == 101:
                 break  # 1xx informational responses (100 Continue) are skipped
         self = cls()
@@ -162,6 +213,8 @@ class UpstreamResponse:
         lower = {k.lower(): v for k, v in headers}
         self.chunked = "chunked" in lower.get("transfer-encoding", "").lower()
         cl = lower.get("content-length")
+        if cl is not None and not self.chunked and not cl.isdigit():
+            raise UpstreamBadResponse(f"Content-Length {cl[:40]!r} is not a number of bytes")
         self.length = int(cl) if cl is not None and not self.chunked else None
         self.no_body = method == "HEAD" or status in (204, 304) or 100 <= status < 200
         close = "close" in lower.get("connection", "").lower() or parts[0] == b"HTTP/1.0"
@@ -180,7 +233,10 @@ class UpstreamResponse:
                     size_line = rfile.readline(MAX_HEADER_LINE)
                     if not size_line:
                         raise UpstreamProtocolError("upstream closed mid-chunk")
-                    size = int(size_line.split(b";", 1)[0].strip(), 16)
+                    digits = size_line.split(b";", 1)[0].strip()
+                    if not digits or len(digits) > 16 or digits.strip(b"0123456789abcdefABCDEF"):
+                        raise UpstreamBadResponse(f"bad chunk size line {size_line[:40]!r}")
+                    size = int(digits, 16)
                     if size == 0:
                         while rfile.readline(MAX_HEADER_LINE) not in (b"\r\n", b"\n", b""):
                             pass  # trailers are dropped (hop-by-hop for our purposes)
@@ -188,7 +244,8 @@ class UpstreamResponse:
                     data = rfile.read(size)
                     if len(data) < size:
                         raise UpstreamProtocolError("upstream closed mid-chunk")
-                    rfile.readline(MAX_HEADER_LINE)
+                    if rfile.readline(MAX_HEADER_LINE) not in (b"\r\n", b"\n"):
+                        raise UpstreamBadResponse("a chunk is not followed by CRLF")
                     yield data
             elif self.length is not None:
                 remaining = self.length
