@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stack", default="dev")
     p.add_argument("--project-dir", type=Path, default=Path("."))
 
+    p = sub.add_parser("nodes", help="the Docker hosts: reachable or not, GPUs free and used, instances")
+    p.add_argument("--url", default=DEFAULT_URL, help=f"gateway URL (default {DEFAULT_URL}, or $AUTODEPLOY_URL)")
+    p.add_argument("--json", action="store_true", help="print the status API's `nodes` JSON")
+
     p = sub.add_parser("gateway-static", help="the gateway alone, routing to fixed instances (Pulumi's gateway container)")
     p.add_argument("--bind", default=os.environ.get("AUTODEPLOY_GATEWAY_BIND", "0.0.0.0:8080"),
                    help="address to listen on (default $AUTODEPLOY_GATEWAY_BIND or 0.0.0.0:8080)")
@@ -203,6 +207,31 @@ def cmd_gpus(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_nodes(args: argparse.Namespace) -> int:
+    data = _get(f"{args.url.rstrip('/')}/api/deployments")
+    nodes = data.get("nodes") or []
+    if args.json:
+        print(json.dumps(nodes, indent=2))
+        return 0
+    if not nodes:
+        print(f"driver {data.get('driver')} has no nodes: nodes are Docker hosts (--driver docker)")
+        return 0
+    rows = [["NODE", "REACHABLE", "ADDRESS", "GPUS USED/TOTAL", "FREE", "INSTANCES", "LABELS"]]
+    for n in nodes:
+        g = n["gpus"]
+        rows.append([n["name"], "yes" if n["reachable"] else f"no ({_ago(n['since'])})", n["address"],
+                     f"{g['used']}/{g['total']}", str(g["free"]),
+                     ",".join(f"{i['deployment']}/{i['id']}" for i in n["instances"]) or "-",
+                     ",".join(f"{k}={v}" for k, v in sorted(n["labels"].items())) or "-"])
+    print(_table(rows))
+    for n in nodes:
+        if not n["reachable"]:
+            print(f"{n['name']}: unreachable: {n['error']}")
+        if n["gpus"]["detail"]:
+            print(f"{n['name']}: GPUs from {n['gpus']['source']}: {n['gpus']['detail']}")
+    return 0
+
+
 def cmd_gateway_static(args: argparse.Namespace) -> int:
     """Routes from AUTODEPLOY_ROUTES (written by the Pulumi program); checks them before serving."""
     import tempfile
@@ -233,7 +262,7 @@ def _stack_docker_host(project: Path, stack: str) -> str | None:
         return None
 
 
-COMMANDS = {"validate": cmd_validate, "serve": cmd_serve, "status": cmd_status, "gpus": cmd_gpus,
+COMMANDS = {"validate": cmd_validate, "serve": cmd_serve, "status": cmd_status, "gpus": cmd_gpus, "nodes": cmd_nodes,
             "logs": cmd_logs, "gateway-static": cmd_gateway_static}
 
 if __name__ == "__main__":

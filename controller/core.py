@@ -23,6 +23,7 @@ from controller.errors import AutoDeployError
 from controller.health import is_ready
 from controller.ids import new_instance_id
 from controller.loader import LoadResult, SpecError, load_text
+from controller.node_watch import NodeWatch, place_instance
 from controller.operations import Operations
 from controller.policy.autoscale import idle_instances
 from controller.policy.capacity import Capacity, decide_acquire, readiness_poll_interval, restart_backoff
@@ -65,6 +66,7 @@ class Rec:
     revivable: bool = True
     # Column in the gateway's shared in-flight counters (gateway/inflight.py).
     slot: int = field(default_factory=lambda: next(_INFLIGHT_SLOTS))
+    node: str | None = None  # the Docker host it was placed on (controller.node_watch)
 
 
 _INFLIGHT_SLOTS = itertools.count()
@@ -118,6 +120,7 @@ class Controller:
         self.traffic = Traffic()  # request windows and resource use, for status, /metrics, autoscaling
         self.autoscaler = Autoscaler()
         self.source: Any = None  # controller.sources.SourceWatcher, set by serve: status and git sync
+        self.node_watch = NodeWatch()  # several Docker hosts: lost and returning nodes
 
     # ------------------------------------------------------------------ desired state
     def apply(self, result: LoadResult, commit: Commit | None = None) -> None:
@@ -285,15 +288,17 @@ class Controller:
         rec = Rec(id=new_instance_id(taken), deployment=rt.spec.name, revision=rt.spec.revision,
                   phase="starting", created=now, last_activity=now, reason=reason, number=rt.revision_number)
         gpu = rt.spec.resources.gpu
-        if gpu.count > 0:
+        if getattr(self.driver, "nodes", None) is not None:  # several Docker hosts
+            rec.node, rec.gpu_ids = place_instance(self, rt.spec)
+        elif gpu.count > 0:
             placed = place(self.inventory.gpus, self._assigned(), gpu)
             if isinstance(placed, NoPlacement):
                 self._event(rt.spec.name, "unplaceable", placed.reason)
                 raise AutoDeployError(errors.NO_FREE_GPU, placed.reason, retry_after=10.0)
             rec.gpu_ids = list(placed.gpu_ids)
         rt.instances[rec.id] = rec
-        self._event(rt.spec.name, "start", f"{reason}" + (f"; GPUs {','.join(rec.gpu_ids)}" if rec.gpu_ids else ""),
-                    rec.id)
+        self._event(rt.spec.name, "start", f"{reason}" + (f"; GPUs {','.join(rec.gpu_ids)}" if rec.gpu_ids else "")
+                    + (f"; node {rec.node}" if rec.node else ""), rec.id)
         self._spawn(self._launch, rt.spec, rec)
         self._bump()
         return rec
@@ -311,7 +316,7 @@ class Controller:
 
     def _launch_and_wait(self, spec: Deployment, rec: Rec) -> None:
         try:
-            inst = self.driver.start(spec, rec.id, rec.gpu_ids)
+            inst = self.driver.start(spec, rec.id, rec.gpu_ids, **({"node": rec.node} if rec.node else {}))
         except AutoDeployError as exc:
             self._fail(rec, exc)
             return
@@ -321,7 +326,7 @@ class Controller:
             return
         with self._cv:
             rec.inst = inst
-            self.store.put_instance(inst, self.driver.name, "starting", self._price(spec))
+            self.store.put_instance(inst, self.driver.name, "starting", self._price(spec, inst.node))
             for note in inst.notes:
                 self._event(rec.deployment, "note", note, rec.id)
         health = spec.load_balancer.health_check
@@ -425,6 +430,7 @@ class Controller:
     def tick(self) -> None:
         """One reconcile pass: crashes, idle release, drains, minReplicas, forgotten deployments."""
         exited: list[tuple[Rec, int | None, str]] = []
+        self.node_watch.step(self)
         with self._cv:
             ready = [r for rt in self.deps.values() for r in rt.instances.values()
                      if r.phase in ("ready", "draining") and r.inst is not None]
@@ -522,7 +528,7 @@ class Controller:
                         rec = Rec(id=inst.id, deployment=inst.deployment, revision=inst.revision, phase="ready",
                                   created=inst.started_at, inst=inst, ready_at=now, last_activity=now,
                                   number=earlier[1] if earlier else rt.revision_number,
-                                  gpu_ids=list(inst.gpu_ids))
+                                  gpu_ids=list(inst.gpu_ids), node=inst.node)
                         rt.instances[rec.id] = rec
                         self.store.set_phase(rec.id, "ready")
                         self._event(inst.deployment, "adopted", f"pid {inst.pid} port {inst.port} still running",
@@ -580,7 +586,8 @@ class Controller:
                     "errors": [str(e) for e in self.spec_errors],
                     "driver": self.driver.name,
                     "gpu_inventory": getattr(self.inventory, "source", None),
-                    "source": self.source.status() if self.source is not None else None}
+                    "source": self.source.status() if self.source is not None else None,
+                    "nodes": self.node_watch.status(self)}
 
     def _dep_status(self, rt: DepRuntime, booked: dict, inflight: dict[str, int], now: float,
                     events: bool) -> dict:
@@ -629,7 +636,7 @@ class Controller:
         inst = rec.inst
         return {"id": rec.id, "state": rec.phase, "revision": rec.revision, "revision_number": rec.number,
                 "pid": inst.pid if inst else None, "port": inst.port if inst else None,
-                "container_id": inst.container_id if inst else None, "gpu_ids": rec.gpu_ids,
+                "container_id": inst.container_id if inst else None, "gpu_ids": rec.gpu_ids, "node": rec.node,
                 "started": inst.started_at if inst else rec.created, "ready_at": rec.ready_at,
                 "last_request": rec.last_activity if rec.served else None,
                 "requests_served": rec.served, "errors": rec.errors, "in_flight": inflight.get(rec.id, 0),
@@ -681,8 +688,9 @@ class Controller:
                 return rec
         return None
 
-    def _price(self, spec: Deployment) -> float:
-        return float(self.prices.per_hour(spec.resources.gpu))
+    def _price(self, spec: Deployment, node: str | None = None) -> float:
+        # Per-node prices (controller.nodes.NodePrices) when the instance has a node.
+        return float(self.prices.per_hour(spec.resources.gpu, **({"node": node} if node else {})))
 
     def _bump(self) -> None:
         self.version += 1

@@ -49,8 +49,11 @@ def show_logs(state_dir: Path, name: str, instance: str | None, follow: bool, li
     mine = [s for s in stored if s.instance.deployment == name and (instance is None or s.instance.id == instance)]
     if mine and mine[-1].driver == "docker":
         from controller.drivers.docker import DockerDriver
-        driver = DockerDriver(base_url=docker_host)
+        from controller.nodes import read_nodes_file
         inst = mine[-1].instance
+        # The engines serve used (several nodes): logs come from the instance's own node.
+        wanted = [n for n in read_nodes_file(state_dir) if n.name == inst.node]
+        driver = DockerDriver(nodes=wanted) if wanted else DockerDriver(base_url=docker_host)
         if follow:
             for line in driver.follow_logs(inst):
                 out.write(line if line.endswith("\n") else line + "\n")

@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -27,6 +28,7 @@ from controller.health_checker import HealthChecker
 from controller.ipc import IpcServer
 from controller.sources import SOURCE_EVENTS, Source, SourceUpdate, SourceWatcher
 from controller.sources.folder import FolderSource
+from controller.nodes import NodePrices
 from controller.stack import StackConfig, load_stack
 from controller.store import Store
 from controller.usage import UsageSampler
@@ -60,13 +62,18 @@ class ServeOptions:
     data_plane: str | None = None  # haproxy | python; None: the stack's, else haproxy when installed
 
 
-def make_driver(name: str, opts: ServeOptions, stack: StackConfig, store: Store) -> Driver:
+def make_driver(name: str, opts: ServeOptions, stack: StackConfig, store: Store, inventory: Any = None) -> Driver:
     if name == "local":
         from controller.drivers.local import LocalDriver
         return LocalDriver(opts.state_dir, opts.project_dir)
     if name == "docker":
         from controller.drivers.docker import DockerDriver
-        return DockerDriver(base_url=stack.docker_host)
+        from controller.nodes import write_nodes_file
+        from controller.stack import effective_nodes
+        # `autodeploy logs` reads which engine each node is from the state dir.
+        write_nodes_file(opts.state_dir, effective_nodes(stack))
+        return DockerDriver(base_url=stack.docker_host, nodes=stack.nodes or None, inventory=inventory,
+                            on_event=lambda node, kind, msg: store.event(f"node:{node}", kind, msg))
     if name == "pulumi":
         from controller.drivers.pulumi import PulumiDriver
         # Stack updates carry many deployments at once: their events go under the stack's name.
@@ -123,8 +130,8 @@ class Server:
         self.store = Store(opts.state_dir / "autodeploy.db")
         self.inventory = discover_inventory(self.stack)
         self.driver_name = opts.driver or self.stack.driver
-        self.driver = make_driver(self.driver_name, opts, self.stack, self.store)
-        self.controller = Controller(self.driver, self.store, inventory=self.inventory, prices=self.stack.prices,
+        self.driver = make_driver(self.driver_name, opts, self.stack, self.store, self.inventory)
+        self.controller = Controller(self.driver, self.store, inventory=self.inventory, prices=NodePrices(self.stack),
                                      queue_limit=opts.queue_limit, stop_timeout=opts.stop_timeout)
         self.ipc_path = _socket_path(opts.state_dir)
         self.counters_path = str(opts.state_dir / "counters.bin")

@@ -68,6 +68,8 @@ MIGRATIONS: tuple[tuple[str, str, str], ...] = (
     ("revisions", "commit_sha", "TEXT"),
     ("revisions", "commit_author", "TEXT"),
     ("revisions", "commit_subject", "TEXT"),
+    ("instances", "node", "TEXT"),  # the Docker host it runs on (several nodes)
+    ("ledger", "node", "TEXT"),     # ... and which node served the booked time
 )
 
 
@@ -138,10 +140,12 @@ class Store:
     def put_instance(self, inst: Instance, driver: str, phase: str, price_per_hour: float,
                      ready_at: float | None = None) -> None:
         self._exec(
-            "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT OR REPLACE INTO instances (id, deployment, revision, driver, host, port, pid, pid_create_time,"
+            " container_id, gpu_ids, log_path, started_at, ready_at, phase, price_per_hour, node)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (inst.id, inst.deployment, inst.revision, driver, inst.host, inst.port, inst.pid,
              inst.pid_create_time, inst.container_id, json.dumps(inst.gpu_ids), inst.log_path,
-             inst.started_at, ready_at, phase, price_per_hour))
+             inst.started_at, ready_at, phase, price_per_hour, inst.node))
 
     def set_phase(self, instance_id: str, phase: str, ready_at: float | None = None) -> None:
         if ready_at is None:
@@ -153,28 +157,36 @@ class Store:
         """Drop the row and book its running time in the ledger, in one transaction."""
         with self._lock:
             row = self._db.execute(
-                "SELECT deployment, started_at, price_per_hour FROM instances WHERE id=?",
+                "SELECT deployment, started_at, price_per_hour, node FROM instances WHERE id=?",
                 (instance_id,)).fetchone()
             if row is None:
                 return
-            deployment, started_at, price = row
+            deployment, started_at, price, node = row
             seconds = max(0.0, stopped_at - started_at)
             self._db.execute("BEGIN")
             self._db.execute("INSERT INTO ledger (deployment, instance, started_at, stopped_at, seconds,"
-                             " price_per_hour, cost) VALUES (?,?,?,?,?,?,?)",
+                             " price_per_hour, cost, node) VALUES (?,?,?,?,?,?,?,?)",
                              (deployment, instance_id, started_at, stopped_at, seconds, price,
-                              seconds * price / 3600.0))
+                              seconds * price / 3600.0, node))
             self._db.execute("DELETE FROM instances WHERE id=?", (instance_id,))
             self._db.execute("COMMIT")
 
     def instances(self, driver: str | None = None) -> list[StoredInstance]:
-        sql = "SELECT * FROM instances" + (" WHERE driver=?" if driver else "") + " ORDER BY started_at"
+        sql = ("SELECT id, deployment, revision, driver, host, port, pid, pid_create_time, container_id, gpu_ids,"
+               " log_path, started_at, ready_at, phase, price_per_hour, node FROM instances"
+               + (" WHERE driver=?" if driver else "") + " ORDER BY started_at")
         rows = self._query(sql, (driver,) if driver else ())
         return [StoredInstance(
             instance=Instance(id=r[0], deployment=r[1], revision=r[2], host=r[4], port=r[5], pid=r[6],
                               pid_create_time=r[7], container_id=r[8], gpu_ids=json.loads(r[9]),
-                              log_path=r[10], started_at=r[11]),
+                              log_path=r[10], started_at=r[11], node=r[15]),
             driver=r[3], ready_at=r[12], phase=r[13], price_per_hour=r[14]) for r in rows]
+
+    def ledger_by_node(self) -> dict[tuple[str, str | None], tuple[float, float]]:
+        """(deployment, node) -> (instance-seconds, cost) of stopped instances; node None
+        for instances of drivers without nodes."""
+        rows = self._query("SELECT deployment, node, SUM(seconds), SUM(cost) FROM ledger GROUP BY deployment, node")
+        return {(r[0], r[1]): (r[2], r[3]) for r in rows}
 
     # events ----------------------------------------------------------------
     def event(self, deployment: str, kind: str, message: str, instance: str | None = None,

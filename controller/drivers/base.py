@@ -28,6 +28,7 @@ class Instance:
     gpu_ids: list[str] = field(default_factory=list)
     log_path: str | None = None
     notes: list[str] = field(default_factory=list)  # what the driver could not honour, for events
+    node: str | None = None  # the Docker host it runs on (docker driver with several nodes)
 
 
 @dataclass(frozen=True)
