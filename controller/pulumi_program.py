@@ -30,9 +30,11 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 from urllib.parse import urlparse
 
+from controller.drivers.docker import bind_address
 from controller.errors import NO_FREE_GPU, SPEC_INVALID, AutoDeployError
 from controller.gpus import Gpu, Inventory
-from controller.policy.placement import NoPlacement, place_many
+from controller.policy.placement import (NodePlacement, NodeView, NoPlacement, Placement, place_many,
+                                         place_slots_on_nodes)
 from controller.spec import Deployment
 
 NAMESPACE = "autodeploy"
@@ -78,6 +80,7 @@ class ContainerPlan:
     gpu_devices: tuple[str, ...] = ()    # what Docker's `--gpus device=` gets
     labels: dict[str, str] = field(default_factory=dict)
     healthcheck: HealthcheckPlan | None = None
+    node: str | None = None              # with autodeploy:nodes: the Docker host it runs on
 
     @property
     def slot_name(self) -> str:
@@ -112,6 +115,8 @@ class ProgramConfig:
     gateway_host: str = "127.0.0.1"
     docker_host: str | None = None
     gateway_container: bool = True
+    nodes: tuple[Any, ...] = ()          # controller.stack.NodeConfig items (autodeploy:nodes)
+    placements: dict[str, str] = field(default_factory=dict)  # slot -> node it keeps
 
 
 # --- pure decisions ---------------------------------------------------------------------
@@ -248,8 +253,11 @@ def _placement_order(slots: Mapping[str, Sequence[int]]) -> list[tuple[str, int]
 
 
 def plan_resources(deployments: Sequence[Deployment], replicas: Mapping[str, int | Sequence[int]],
-                   inventory: Inventory, pins: Mapping[str, Sequence[str]] | None = None) -> list[ContainerPlan]:
-    """One plan per wanted slot, each GPU slot on its own GPUs.
+                   inventory: Inventory, pins: Mapping[str, Sequence[str]] | None = None,
+                   nodes: Sequence[NodeView] | None = None,
+                   placements: Mapping[str, str] | None = None) -> list[ContainerPlan]:
+    """One plan per wanted slot, each GPU slot on its own GPUs (and, with `nodes`, on the
+    node `place_slots_on_nodes` picks; `inventory` is then unused: each node has its own).
 
     Raises AutoDeployError(NO_FREE_GPU) naming every slot that cannot be placed and why,
     and AutoDeployError(SPEC_INVALID) for a deployment without an image.
@@ -262,13 +270,23 @@ def plan_resources(deployments: Sequence[Deployment], replicas: Mapping[str, int
     # Pins of slots not planned any more must not hold GPUs (place_many would treat
     # them as other holders).
     previous = {k: list(v) for k, v in (pins or {}).items() if k in wanted_keys}
-    placed = place_many(inventory.gpus, previous, requests)
+    node_of: dict[str, str] = {}
+    if nodes:
+        on_nodes = place_slots_on_nodes(nodes, [(slot_name(name, n), name, by_name[name].resources.gpu,
+                                                 by_name[name].node_selector) for name, n in order],
+                                        previous, placements)
+        placed: Mapping[str, Placement | NoPlacement] = {
+            k: v if isinstance(v, NoPlacement) else Placement(v.gpu_ids) for k, v in on_nodes.items()}
+        node_of = {k: v.node for k, v in on_nodes.items() if isinstance(v, NodePlacement)}
+        gpu_by_uuid = {(n.name, g.uuid): g for n in nodes for g in n.gpus}
+    else:
+        placed = place_many(inventory.gpus, previous, requests)
+        gpu_by_uuid = {(None, g.uuid): g for g in inventory.gpus}
     failures = [f"deployment {key.rpartition('-')[0]} slot {key}: {result.reason}"
                 for key, result in placed.items() if isinstance(result, NoPlacement)]
     if failures:
-        raise AutoDeployError(NO_FREE_GPU, f"not enough GPUs (inventory from {inventory.source}): "
-                                           + "; ".join(failures))
-    gpu_by_uuid = {g.uuid: g for g in inventory.gpus}
+        source = "each node's gpus in autodeploy:nodes" if nodes else inventory.source
+        raise AutoDeployError(NO_FREE_GPU, f"not enough GPUs (inventory from {source}): " + "; ".join(failures))
     plans: list[ContainerPlan] = []
     for name, n in sorted(order):
         dep = by_name[name]
@@ -288,8 +306,10 @@ def plan_resources(deployments: Sequence[Deployment], replicas: Mapping[str, int
             cpus=None if dep.resources.cpu is None else f"{dep.resources.cpu:g}",
             memory_mb=None if dep.resources.memory_gb is None else int(dep.resources.memory_gb * 1024),
             gpu_ids=tuple(result.gpu_ids),
-            gpu_devices=tuple(docker_device_id(gpu_by_uuid[u]) for u in result.gpu_ids),
-            labels=container_labels(dep, n, result.gpu_ids), healthcheck=healthcheck_plan(dep)))
+            gpu_devices=tuple(docker_device_id(gpu_by_uuid[(node_of.get(slot_name(name, n)), u)])
+                              for u in result.gpu_ids),
+            labels=container_labels(dep, n, result.gpu_ids), healthcheck=healthcheck_plan(dep),
+            node=node_of.get(slot_name(name, n))))
     return plans
 
 
@@ -305,10 +325,25 @@ def applied_pins(plans: Sequence[ContainerPlan]) -> dict[str, list[str]]:
     return {p.slot_name: list(p.gpu_ids) for p in plans if p.gpu_ids}
 
 
-def gateway_routes(deployments: Sequence[Deployment], plans: Sequence[ContainerPlan]) -> dict[str, Any]:
+def applied_placements(plans: Sequence[ContainerPlan]) -> dict[str, str]:
+    """The `placements` output (slot -> node); fed back as config, no slot ever moves."""
+    return {p.slot_name: p.node for p in plans if p.node}
+
+
+def node_views(nodes: Sequence[Any]) -> list[NodeView]:
+    """autodeploy:nodes -> what placement reads. The program sees only declared GPUs: a
+    node that relies on `gpus: {probeImage}` is probed by the controller, not here."""
+    from controller.nodes import declared_gpus as node_gpus
+    return [NodeView(n.name, tuple(node_gpus(n)), dict(n.labels)) for n in nodes]
+
+
+def gateway_routes(deployments: Sequence[Deployment], plans: Sequence[ContainerPlan],
+                   addresses: Mapping[str, str] | None = None) -> dict[str, Any]:
     """AUTODEPLOY_ROUTES for `autodeploy gateway-static`: per deployment, its balancing
     rules and the network addresses of its instances (empty for a stopped one, so the
-    gateway can answer "stopped" instead of "not found")."""
+    gateway can answer "stopped" instead of "not found"). `addresses` (slot -> host:port)
+    replaces the network address: with several nodes the gateway dials published ports."""
+    addresses = addresses or {}
     routes: dict[str, Any] = {}
     for dep in sorted(deployments, key=lambda d: d.name):
         check = dep.load_balancer.health_check
@@ -318,7 +353,7 @@ def gateway_routes(deployments: Sequence[Deployment], plans: Sequence[ContainerP
             "stickySessions": dep.load_balancer.sticky_sessions,
             "healthCheckPath": check.path if check else None,
             "requestTimeout": dep.request_timeout_s,
-            "instances": [{"id": p.slot_name, "address": p.network_address}
+            "instances": [{"id": p.slot_name, "address": addresses.get(p.slot_name, p.network_address)}
                           for p in plans if p.deployment == dep.name],
         }
     return {"version": 1, "deployments": routes}
@@ -402,10 +437,48 @@ def declared_gpus(raw: Any) -> tuple[Any, ...]:
     return tuple(out)
 
 
+def parse_nodes(raw: Any) -> tuple[Any, ...]:
+    """`nodes` config -> controller.stack.NodeConfig items, checked as `autodeploy serve` checks them."""
+    from controller.stack import _Invalid, _nodes
+    try:
+        return tuple(_nodes(raw))
+    except _Invalid as exc:
+        raise AutoDeployError(SPEC_INVALID, f"{NAMESPACE}:nodes: {exc}") from None
+
+
+def parse_placements(raw: Any) -> dict[str, str]:
+    raw = _json_config(raw, "placements")
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping) or not all(isinstance(v, str) for v in raw.values()):
+        raise AutoDeployError(SPEC_INVALID, f"{NAMESPACE}:placements must map slot (<deployment>-<n>) to a "
+                                            f"node name, got {raw!r}")
+    return {str(k): v for k, v in raw.items()}
+
+
+def provider_args(node: Any) -> dict[str, Any]:
+    """docker.Provider arguments for one node: its host, and TLS material read from the
+    files the stack names (kept secret in the state)."""
+    import pulumi
+    args: dict[str, Any] = {"host": node.docker_host}
+    if node.tls is not None:
+        for arg, path in (("ca_material", node.tls.ca_cert), ("cert_material", node.tls.cert),
+                          ("key_material", node.tls.key)):
+            try:
+                text = Path(path).read_text()
+            except OSError as exc:
+                raise AutoDeployError(SPEC_INVALID, f"{NAMESPACE}:nodes: node {node.name!r} tls: cannot read "
+                                                    f"{path}: {exc.strerror}") from None
+            args[arg] = pulumi.Output.secret(text) if arg == "key_material" else text
+    return args
+
+
 def read_config(config: Any) -> ProgramConfig:
     """`config` is a `pulumi.Config("autodeploy")` (or anything with its get/get_object)."""
     port = config.get_int("gatewayPort")
     return ProgramConfig(
+        nodes=parse_nodes(config.get_object("nodes")),
+        placements=parse_placements(config.get_object("placements")),
         deployments_dir=config.get("deploymentsDir") or "deployments",
         replicas=parse_replicas(config.get_object("replicas")),
         pins=parse_pins(config.get_object("pins")),
@@ -449,6 +522,8 @@ class ProgramResult:
     gateway_image: Any | None
     gateway: Any | None
     outputs: dict[str, Any]              # exported name -> value / Output
+    providers: dict[str | None, Any] = field(default_factory=dict)  # node -> docker.Provider
+    networks: dict[str | None, Any] = field(default_factory=dict)   # node -> its stack network
 
 
 def _inventory(cfg: ProgramConfig, nvml: Any | None) -> Inventory:
@@ -492,17 +567,39 @@ def program(project_dir: Path | None = None, nvml: Any | None = None) -> Program
     known = {d.name for d in deployments}
     for name in sorted(set(cfg.replicas) - known):
         pulumi.log.warn(f"{NAMESPACE}:replicas names {name!r}, which is not in {deployments_dir}; ignored")
-    plans = plan_resources(deployments, {k: list(v) for k, v in cfg.replicas.items()}, inventory, cfg.pins)
+    if cfg.nodes and cfg.docker_host:
+        raise AutoDeployError(SPEC_INVALID, f"{NAMESPACE}:dockerHost is the one-node shorthand; with "
+                                            f"{NAMESPACE}:nodes give each node its own dockerHost instead")
+    plans = plan_resources(deployments, {k: list(v) for k, v in cfg.replicas.items()}, inventory, cfg.pins,
+                           nodes=node_views(cfg.nodes) if cfg.nodes else None, placements=cfg.placements)
 
-    provider = docker.Provider("docker", host=cfg.docker_host) if cfg.docker_host else None
-    base = pulumi.ResourceOptions(provider=provider)
-    network = docker.Network("autodeploy", name=f"autodeploy-{pulumi.get_stack()}",
-                             labels=[docker.NetworkLabelArgs(label=f"{LABEL_PREFIX}managed", value="true")],
-                             opts=base)
-    bind_ip, host = instance_endpoint(cfg.docker_host)
+    def network_of(opts: Any, resource: str) -> Any:
+        return docker.Network(resource, name=f"autodeploy-{pulumi.get_stack()}",
+                              labels=[docker.NetworkLabelArgs(label=f"{LABEL_PREFIX}managed", value="true")],
+                              opts=opts)
+
+    # One provider (and stack network) per node; the one-node shorthand keeps the names
+    # it always had ("docker", "autodeploy"), so existing stacks replace nothing.
+    endpoints: dict[str | None, tuple[str, str]] = {}
+    if cfg.nodes:
+        providers = {n.name: docker.Provider(f"docker-{n.name}", **provider_args(n)) for n in cfg.nodes}
+        options = {n.name: pulumi.ResourceOptions(provider=providers[n.name]) for n in cfg.nodes}
+        networks = {n.name: network_of(options[n.name], f"autodeploy-{n.name}") for n in cfg.nodes}
+        endpoints = {n.name: (bind_address(n.address), n.address) for n in cfg.nodes}
+        first = cfg.nodes[0].name
+        base, network = options[first], networks[first]
+    else:
+        provider = docker.Provider("docker", host=cfg.docker_host) if cfg.docker_host else None
+        providers = {None: provider} if provider is not None else {}
+        base = pulumi.ResourceOptions(provider=provider)
+        options = {None: base}
+        network = network_of(base, "autodeploy")
+        networks = {None: network}
+        endpoints = {None: instance_endpoint(cfg.docker_host)}
     containers: dict[str, Any] = {}
     envs: dict[str, Any] = {}
     for plan in plans:
+        bind_ip = endpoints[plan.node][0]
         check = plan.healthcheck
         envs[plan.slot_name] = _envs(plan)
         containers[plan.slot_name] = docker.Container(
@@ -520,7 +617,8 @@ def program(project_dir: Path | None = None, nvml: Any | None = None) -> Program
             labels=[docker.ContainerLabelArgs(label=k, value=v) for k, v in sorted(plan.labels.items())],
             healthcheck=None if check is None else docker.ContainerHealthcheckArgs(
                 tests=list(check.tests), interval=check.interval, timeout=check.timeout, retries=check.retries),
-            networks_advanced=[docker.ContainerNetworksAdvancedArgs(name=network.name, aliases=[plan.slot_name])],
+            networks_advanced=[docker.ContainerNetworksAdvancedArgs(name=networks[plan.node].name,
+                                                                    aliases=[plan.slot_name])],
             # Without a controller watching, Docker itself restarts a crashed model.
             restart="unless-stopped",
             # An init as PID 1 passes SIGTERM on (a PID 1 without a handler ignores it), so
@@ -528,7 +626,7 @@ def program(project_dir: Path | None = None, nvml: Any | None = None) -> Program
             init=True,
             destroy_grace_seconds=DESTROY_GRACE_S,
             # The container name is fixed, so the old one must go before its replacement.
-            opts=pulumi.ResourceOptions.merge(base, pulumi.ResourceOptions(delete_before_replace=True)))
+            opts=pulumi.ResourceOptions.merge(options[plan.node], pulumi.ResourceOptions(delete_before_replace=True)))
 
     gateway_image = gateway = None
     if cfg.gateway_container:
@@ -536,11 +634,23 @@ def program(project_dir: Path | None = None, nvml: Any | None = None) -> Program
             "gateway-image", image_name=gateway_image_name(),
             build=docker.DockerBuildArgs(context=str(project), dockerfile=str(project / GATEWAY_DOCKERFILE)),
             skip_push=True, opts=base)
-        routes = json.dumps(gateway_routes(deployments, plans), sort_keys=True)
+        bind_env = f"AUTODEPLOY_GATEWAY_BIND=0.0.0.0:{GATEWAY_INTERNAL_PORT}"
+        if cfg.nodes:
+            # Instances on other nodes are not on this node's network: the gateway (on the
+            # first node) dials each at its node's address and published port.
+            def _routes(ports: list[Any]) -> list[str]:
+                addresses = {p.slot_name: f"{endpoints[p.node][1]}:{published_port(ps, p.port)}"
+                             for p, ps in zip(plans, ports)}
+                return [f"AUTODEPLOY_ROUTES={json.dumps(gateway_routes(deployments, plans, addresses), sort_keys=True)}",
+                        bind_env]
+            gateway_envs: Any = pulumi.Output.all(*[containers[p.slot_name].ports for p in plans]).apply(_routes)
+        else:
+            gateway_envs = [f"AUTODEPLOY_ROUTES={json.dumps(gateway_routes(deployments, plans), sort_keys=True)}",
+                            bind_env]
         gateway = docker.Container(
             "gateway", name=f"autodeploy-gateway-{pulumi.get_stack()}",
             image=gateway_image.image_name,
-            envs=[f"AUTODEPLOY_ROUTES={routes}", f"AUTODEPLOY_GATEWAY_BIND=0.0.0.0:{GATEWAY_INTERNAL_PORT}"],
+            envs=gateway_envs,
             ports=[docker.ContainerPortArgs(internal=GATEWAY_INTERNAL_PORT, external=cfg.gateway_port,
                                             ip=cfg.gateway_host)],
             networks_advanced=[docker.ContainerNetworksAdvancedArgs(name=network.name)],
@@ -554,19 +664,22 @@ def program(project_dir: Path | None = None, nvml: Any | None = None) -> Program
         by_dep: dict[str, list[dict[str, Any]]] = {}
         for plan, (ports, container_id) in zip(plans, zip(args[0::2], args[1::2])):
             by_dep.setdefault(plan.deployment, []).append(
-                instance_output(plan, host, published_port(ports, plan.port), container_id))
+                instance_output(plan, endpoints[plan.node][1], published_port(ports, plan.port), container_id))
         return deployments_output(deployments, by_dep)
 
     resolved = [x for p in plans for x in (containers[p.slot_name].ports, containers[p.slot_name].id)]
     outputs: dict[str, Any] = {
-        "gateway_url": gateway_url(cfg.gateway_host, cfg.gateway_port, cfg.docker_host),
+        "gateway_url": gateway_url(cfg.gateway_host, cfg.gateway_port,
+                                   cfg.nodes[0].docker_host if cfg.nodes else cfg.docker_host),
         "deployments": pulumi.Output.all(*resolved).apply(_instances_output),
         "replicas": applied_replicas(deployments, plans),
         "pins": applied_pins(plans),
         "gpu_inventory": inventory.source,
     }
+    if cfg.nodes:
+        outputs["placements"] = applied_placements(plans)
     for name, value in outputs.items():
         pulumi.export(name, value)
     return ProgramResult(config=cfg, deployments=deployments, plans=plans, inventory=inventory, network=network,
                          containers=containers, envs=envs, gateway_image=gateway_image, gateway=gateway,
-                         outputs=outputs)
+                         outputs=outputs, providers=providers, networks=networks)

@@ -254,3 +254,50 @@ def place_on_nodes(nodes: Sequence[NodeView], holdings: Mapping[str, Holding], d
     if not options:
         return NoPlacement("; ".join(reasons), no_node=candidates == 0)
     return min(options, key=lambda o: o[0])[1]
+
+
+def place_slots_on_nodes(nodes: Sequence[NodeView],
+                         requests: Sequence[tuple[str, str, GpuSpec, Mapping[str, str]]],
+                         pins: Mapping[str, Sequence[str]] | None = None,
+                         placements: Mapping[str, str] | None = None) -> dict[str, NodePlacement | NoPlacement]:
+    """Place every slot (key, deployment, GPU request, nodeSelector) of a Pulumi stack.
+
+    A slot keeps its previous node (`placements`: slot -> node) while that node still
+    exists and matches, and its previous GPUs (`pins`) while they still fit there, so
+    adding a replica on another node moves nothing. The other slots are then placed in
+    request order with `place_on_nodes`, as the controller places instances.
+    """
+    keys = [key for key, *_ in requests]
+    if len(set(keys)) != len(keys):
+        dupes = sorted({k for k in keys if keys.count(k) > 1})
+        raise ValueError(f"slot keys must be unique, repeated: {', '.join(dupes)}")
+    pins, placements = pins or {}, placements or {}
+    by_node = {n.name: n for n in nodes}
+    held: dict[str, Holding] = {}
+    result: dict[str, NodePlacement | NoPlacement] = {}
+    for key, deployment, request, selector in requests:
+        node = by_node.get(placements.get(key, ""))
+        if node is None or not node.reachable or not selector_matches(selector, node.labels):
+            continue
+        taken = {u for h in held.values() if h.node == node.name for u in h.gpu_ids}
+        node_gpus = {g.uuid: g for g in _unique_by_uuid(node.gpus)}
+        previous = list(pins.get(key, ()))
+        if request.count == 0:
+            gpu_ids: tuple[str, ...] = ()
+        elif _still_valid(previous, request, node_gpus, taken):
+            gpu_ids = tuple(previous)
+        else:
+            outcome = place(node.gpus, {k: h.gpu_ids for k, h in held.items() if h.node == node.name}, request)
+            if isinstance(outcome, NoPlacement):
+                continue  # placed afresh below
+            gpu_ids = outcome.gpu_ids
+        result[key] = NodePlacement(node.name, gpu_ids)
+        held[key] = Holding(node.name, deployment, gpu_ids)
+    for key, deployment, request, selector in requests:
+        if key in result:
+            continue
+        outcome = place_on_nodes(nodes, held, deployment, request, selector)
+        if isinstance(outcome, NodePlacement):
+            held[key] = Holding(outcome.node, deployment, outcome.gpu_ids)
+        result[key] = outcome
+    return {key: result[key] for key in keys}
