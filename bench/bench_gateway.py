@@ -102,7 +102,7 @@ def main() -> None:
 
         with ThreadPoolExecutor(50) as pool:
             burst = list(pool.map(lambda _: requests.get(serve.url + "/d/burst/whoami", timeout=60), range(50)))
-        started = len(requests.get(serve.url + "/api/deployments/burst", timeout=10).json()["instances"])
+        started = len(requests.get(serve.url + "/api/deployments/burst", headers=serve.headers, timeout=10).json()["instances"])
         ok = sum(r.status_code == 200 for r in burst)
     finally:
         os.killpg(direct.pid, signal.SIGTERM)

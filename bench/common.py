@@ -52,7 +52,12 @@ class Serve:
             [str(Path(PY).parent / "autodeploy"), "serve", "--deployments", str(self.tmp / "deployments"),
              "--state-dir", str(self.tmp / "state"), "--port", str(self.port), "--project-dir", str(ROOT), *extra],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
-        wait_http(self.url + "/api/deployments")
+        wait_http(self.url + "/healthz")
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The admin token serve wrote to its state dir, for API calls."""
+        return {"Authorization": "Bearer " + (self.tmp / "state" / "admin.token").read_text().strip()}
 
     def close(self) -> None:
         self.proc.send_signal(signal.SIGTERM)

@@ -9,9 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-import requests
-
-from controller import cli_ops
+from controller import cli_auth, cli_ops
 from controller.errors import AutoDeployError
 
 DEFAULT_URL = os.environ.get("AUTODEPLOY_URL", "http://127.0.0.1:8080")
@@ -55,11 +53,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="haproxy: HAProxy carries warm traffic, the Python gateway activates; python: the "
                         "Python gateway carries everything (default: the stack's autodeploy:dataPlane, else "
                         "haproxy when haproxy >= 2.6 is on PATH)")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="serve the API without tokens (loopback --host only; every local user gets admin)")
     p.add_argument("-v", "--verbose", action="store_true")
 
     p = sub.add_parser("status", help="deployments, their instances and cost")
     p.add_argument("name", nargs="?")
-    p.add_argument("--url", default=DEFAULT_URL, help=f"gateway URL (default {DEFAULT_URL}, or $AUTODEPLOY_URL)")
+    cli_auth.add_client_args(p, DEFAULT_URL)
     p.add_argument("--json", action="store_true", help="print the status API's JSON")
 
     p = sub.add_parser("gpus", help="the GPU inventory and where it came from")
@@ -86,10 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--project-dir", type=Path, help="default: the nearest folder up from here with Pulumi.yaml")
 
     cli_ops.add_parsers(sub, DEFAULT_URL)  # scale, stop, start, delete, rollback, rollout, history, diff
+    cli_auth.add_parsers(sub, DEFAULT_URL)  # token, key
 
     args = parser.parse_args(argv)
     try:
-        return int({**COMMANDS, **cli_ops.COMMANDS}[args.command](args) or 0)
+        return int({**COMMANDS, **cli_ops.COMMANDS, **cli_auth.COMMANDS}[args.command](args) or 0)
     except AutoDeployError as exc:
         print(f"error {exc.error.code}: {exc.message}", file=sys.stderr)
         return 1
@@ -114,20 +115,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         queue_timeout=args.queue_timeout, graceful_timeout=args.graceful_timeout,
                         trusted_proxies=tuple(args.trusted_proxy), git_repo=args.git_repo,
                         git_branch=args.git_branch, git_path=args.git_path, git_interval=args.git_interval,
-                        data_plane=args.data_plane)
+                        data_plane=args.data_plane, insecure_no_auth=args.insecure_no_auth)
     return Server(opts).run()
 
 
-def _get(url: str) -> dict:
-    try:
-        resp = requests.get(url, timeout=10)
-    except requests.RequestException as exc:
-        raise SystemExit(f"cannot reach the gateway at {url}: {exc}. Is `autodeploy serve` running? "
-                         "Pass --url or set AUTODEPLOY_URL.") from exc
-    data = resp.json()
-    if resp.status_code != 200:
-        raise SystemExit(f"error {data.get('code')}: {data.get('msg')}")
-    return data
+def _get(args: argparse.Namespace, path: str) -> dict:
+    return cli_auth.call(args, "GET", path)
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -145,7 +138,7 @@ def _ago(ts: float | None) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     base = args.url.rstrip("/")
     if args.name:
-        dep = _get(f"{base}/api/deployments/{args.name}")
+        dep = _get(args, f"/api/deployments/{args.name}")
         if args.json:
             print(json.dumps(dep, indent=2))
             return 0
@@ -165,7 +158,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if dep.get("last_error"):
             print(f"  last error: {dep['last_error']}")
         return 0
-    data = _get(f"{base}/api/deployments")
+    data = _get(args, "/api/deployments")
     if args.json:
         print(json.dumps(data, indent=2))
         return 0

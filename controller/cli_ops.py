@@ -8,17 +8,13 @@ import sys
 import time
 from typing import Any
 
-import requests
-
-from controller import errors
+from controller import cli_auth, errors
 from controller.errors import AutoDeployError
 
 
 def add_parsers(sub: Any, default_url: str) -> None:
     def url(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--url", default=default_url,
-                       help=f"gateway URL (default {default_url}, or $AUTODEPLOY_URL)")
-        return p
+        return cli_auth.add_client_args(p, default_url)  # --url, and where the token comes from
 
     p = url(sub.add_parser("scale", help="keep N instances running (recorded as drift from the file)"))
     p.add_argument("name")
@@ -53,27 +49,16 @@ def add_parsers(sub: Any, default_url: str) -> None:
     p.add_argument("--json", action="store_true")
 
 
-def _call(method: str, url: str, body: dict | None = None) -> dict:
-    try:
-        resp = requests.request(method, url, json=body, timeout=30)
-    except requests.RequestException as exc:
-        raise SystemExit(f"cannot reach the gateway at {url}: {exc}. Is `autodeploy serve` running? "
-                         "Pass --url or set AUTODEPLOY_URL.") from exc
-    try:
-        data = resp.json()
-    except ValueError:
-        raise SystemExit(f"{method} {url}: HTTP {resp.status_code}, not JSON: {resp.text[:200]}") from None
-    if resp.status_code >= 400:
-        raise AutoDeployError.from_json(data)
-    return data
+def _call(args: argparse.Namespace, method: str, path: str, body: dict | None = None) -> dict:
+    return cli_auth.call(args, method, path, body)
 
 
 def _api(args: argparse.Namespace, *parts: str) -> str:
-    return args.url.rstrip("/") + "/api/deployments/" + "/".join(parts)
+    return "/api/deployments/" + "/".join(parts)
 
 
 def _post(args: argparse.Namespace, action: str, body: dict | None = None) -> int:
-    data = _call("POST", _api(args, args.name, action), body or {})
+    data = _call(args, "POST", _api(args, args.name, action), body or {})
     print(data.get("message", json.dumps(data)))
     return 0
 
@@ -121,7 +106,7 @@ def _ago(ts: float | None) -> str:
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
-    data = _call("GET", _api(args, args.name, "rollout"))
+    data = _call(args, "GET", _api(args, args.name, "rollout"))
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
@@ -157,7 +142,7 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    data = _call("GET", _api(args, args.name, "history"))
+    data = _call(args, "GET", _api(args, args.name, "history"))
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
@@ -192,10 +177,10 @@ def _print_drift(name: str, drift: dict) -> None:
 
 def cmd_diff(args: argparse.Namespace) -> int:
     if args.name:
-        drifts = [d for d in [{"name": args.name, **(_call("GET", _api(args, args.name, "drift"))["drift"] or {})}]
+        drifts = [d for d in [{"name": args.name, **(_call(args, "GET", _api(args, args.name, "drift"))["drift"] or {})}]
                   if "changes" in d]
     else:
-        drifts = _call("GET", args.url.rstrip("/") + "/api/drift")["drift"]
+        drifts = _call(args, "GET", "/api/drift")["drift"]
     if args.json:
         print(json.dumps(drifts, indent=2))
         return 0

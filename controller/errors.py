@@ -50,6 +50,29 @@ UNKNOWN_ACTION = ErrorCode(1019, 404, "unknown deployment action",
                            "Use scale, stop, start, delete, rollback (POST) or history, rollout, drift (GET).")
 NO_SUCH_PATH = ErrorCode(1020, 404, "no such path on the gateway",
                          "Deployments are served under /d/<name>/, the API under /api/deployments.")
+AUTH_REQUIRED = ErrorCode(1030, 401, "authentication required",
+                          "Send `Authorization: Bearer <token>`; the CLI reads <state-dir>/admin.token on the serve "
+                          "machine, elsewhere set AUTODEPLOY_TOKEN (`autodeploy token create`).")
+TOKEN_INVALID = ErrorCode(1031, 401, "invalid token",
+                          "The token is unknown or revoked; ask an admin for a new one (`autodeploy token create`).")
+FORBIDDEN = ErrorCode(1032, 403, "permission denied",
+                      "Use a token whose role allows this: viewer reads, operator also scales, stops, starts "
+                      "and rolls back, admin also deletes and manages tokens and keys.")
+JSON_REQUIRED = ErrorCode(1033, 415, "JSON object body required",
+                          "POST with `Content-Type: application/json` and a JSON object body, e.g. `{}`.")
+CROSS_SITE = ErrorCode(1034, 403, "cross-site request refused",
+                       "Call the API from the gateway's own address; list other names the gateway is reached by "
+                       "in autodeploy:gatewayHosts.")
+KEY_REQUIRED = ErrorCode(1035, 401, "endpoint key required",
+                         "This deployment is private: send `Authorization: Bearer <key>` "
+                         "(`autodeploy key create NAME`).")
+KEY_FORBIDDEN = ErrorCode(1036, 403, "endpoint key not allowed",
+                          "Use a key of this deployment; `Deploy-Route-Rule: scale-out` needs a key created "
+                          "with --scale-out.")
+CREDENTIAL_NOT_FOUND = ErrorCode(1037, 404, "token or key not found",
+                                 "Pick a name listed by `autodeploy token list` or `autodeploy key list`.")
+NAME_TAKEN = ErrorCode(1038, 409, "name already in use",
+                       "Revoke the existing token or key first, or choose another --name.")
 # Issue 13: several nodes (1040-1049).
 NO_NODE = ErrorCode(1040, 503, "no node can run this instance",
                     "Bring a node back (`autodeploy nodes` says why it is down), relax "

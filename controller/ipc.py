@@ -50,10 +50,12 @@ class IpcServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     allow_reuse_address = True
     request_queue_size = 1024  # a cold-start burst opens one connection per gateway thread at once
 
-    def __init__(self, path: str, controller: Any) -> None:
+    def __init__(self, path: str, controller: Any, handlers: dict[str, Any] | None = None) -> None:
         if os.path.exists(path):
             os.unlink(path)
         self.controller = controller
+        # Extra ops (controller.auth.AuthService.handlers): handler(req, builtin) may wrap a built-in op.
+        self.handlers = dict(handlers or {})
         super().__init__(path, _Handler)
         os.chmod(path, 0o600)
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2},
@@ -69,6 +71,12 @@ class IpcServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             os.unlink(self.server_address)  # type: ignore[arg-type]
 
     def dispatch(self, req: dict) -> dict:
+        handler = self.handlers.get(req["op"])
+        if handler is not None:
+            return handler(req, self.builtin)
+        return self.builtin(req)
+
+    def builtin(self, req: dict) -> dict:
         op = req["op"]
         c = self.controller
         if op == "sync":

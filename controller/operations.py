@@ -107,7 +107,7 @@ class Operations:
         if action == "scale":
             return self.scale(name, args.get("replicas"), now)
         if action == "delete":
-            return self.delete(name, bool(args.get("yes")), now)
+            return self.delete(name, args.get("yes") is True, now)  # JSON true only: not "no", not 1
         if action == "rollback":
             to = args.get("to")
             return self.rollback(name, None if to is None else _int(to, "to"), now)

@@ -20,6 +20,7 @@ from typing import Any
 
 import requests
 
+from controller.auth import AuthService, AuthStore, HostPolicy, ensure_admin_token, is_loopback
 from controller.core import Controller
 from controller.drivers.base import Driver
 from controller.errors import AutoDeployError
@@ -60,6 +61,7 @@ class ServeOptions:
     git_path: str | None = None
     git_interval: str | None = None
     data_plane: str | None = None  # haproxy | python; None: the stack's, else haproxy when installed
+    insecure_no_auth: bool = False  # loopback binds only
 
 
 def make_driver(name: str, opts: ServeOptions, stack: StackConfig, store: Store, inventory: Any = None) -> Driver:
@@ -126,8 +128,17 @@ class Server:
                              "or reads a folder")
         self.host = opts.host or self.stack.gateway_host
         self.port = opts.port or self.stack.gateway_port
+        if opts.insecure_no_auth and not is_loopback(self.host):
+            raise SystemExit(f"--insecure-no-auth is refused with --host {self.host}: without tokens anyone who "
+                             "reaches the gateway could start, stop and delete GPU deployments. Bind 127.0.0.1, "
+                             "or drop the flag and use tokens (`autodeploy token create`).")
         opts.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(opts.state_dir / "autodeploy.db")
+        self.auth = AuthStore(opts.state_dir / "autodeploy.db")
+        self.admin_token_path, created = ensure_admin_token(opts.state_dir, self.auth)
+        if created:
+            log.info("wrote the first admin token to %s (mode 0600); the CLI on this machine uses it",
+                     self.admin_token_path)
         self.inventory = discover_inventory(self.stack)
         self.driver_name = opts.driver or self.stack.driver
         self.driver = make_driver(self.driver_name, opts, self.stack, self.store, self.inventory)
@@ -201,7 +212,11 @@ class Server:
         log.info("data plane %s: %s", self.data_plane_name, self.data_plane_why)
         self.load()
         self.controller.adopt_stored()
-        ipc = IpcServer(self.ipc_path, self.controller)
+        if self.opts.insecure_no_auth:
+            log.warning("--insecure-no-auth: the API at http://%s:%s answers anyone on this machine as admin",
+                        self.host, self.port)
+        ipc = IpcServer(self.ipc_path, self.controller,
+                        AuthService(self.auth, self.controller, self.opts.state_dir).handlers())
         ipc.start()
         self.health.start()
         self.usage.start()
@@ -272,6 +287,9 @@ class Server:
         env = dict(os.environ, AUTODEPLOY_IPC=self.ipc_path, AUTODEPLOY_COUNTERS=self.counters_path,
                    AUTODEPLOY_QUEUE_TIMEOUT=str(o.queue_timeout), AUTODEPLOY_INFLIGHT=self.inflight_path,
                    AUTODEPLOY_TRUSTED_PROXIES=",".join(self.trusted_proxies),
+                   AUTODEPLOY_AUTH="off" if o.insecure_no_auth else "on",
+                   AUTODEPLOY_GATEWAY_HOSTS=HostPolicy.for_bind(self.host, self.port,
+                                                                tuple(self.stack.gateway_hosts)).to_env(),
                    PROMETHEUS_MULTIPROC_DIR=str(self.prometheus_dir))
         if self.data_plane_name == "haproxy":  # the client address comes from HAProxy (gateway/wsgi.py)
             from gateway.haproxy_config import PEER_HEADER
@@ -279,7 +297,7 @@ class Server:
         return subprocess.Popen(cmd, env=env, cwd=str(o.project_dir), preexec_fn=_die_with_parent)
 
     def _wait_ready(self, timeout: float = 30.0) -> bool:
-        url = f"http://{self.host}:{self.port}/api/deployments"
+        url = f"http://{self.host}:{self.port}/healthz"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not self.stop.is_set():
             if self.gunicorn is not None and self.gunicorn.poll() is not None:
@@ -319,5 +337,6 @@ class Server:
             self.nvml.close()
         ipc.close()
         self.driver.close()
+        self.auth.close()
         self.store.close()
         log.info("stopped")

@@ -128,6 +128,8 @@ class StackConfig:
     trusted_proxies: list[str] = field(default_factory=list)
     # haproxy | python; None: haproxy when haproxy >= 2.6 is on PATH (gateway/haproxy_plane.py).
     data_plane: str | None = None
+    # Names clients reach the gateway by (besides its bind address): the API checks Host and Origin.
+    gateway_hosts: list[str] = field(default_factory=list)
     prices: Prices = field(default_factory=Prices)
     # autodeploy:nodes; empty: one node from dockerHost and gpus (see `effective_nodes`).
     nodes: list[NodeConfig] = field(default_factory=list)
@@ -501,6 +503,18 @@ def _git(value: Any) -> GitStackConfig | None:
     return cfg
 
 
+def _host_names(value: Any) -> list[str]:
+    if isinstance(value, str):  # `pulumi config set` stores text: a JSON list or "a, b"
+        value = _structured(value, "value") if value.lstrip().startswith("[") else \
+            [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise _Invalid(f"must be a list of host names (optionally host:port), got {value!r}")
+    bad = [v for v in value if any(c in v for c in "/@ ,")]
+    if bad:
+        raise _Invalid(f"{bad[0]!r} is not a host name or host:port (no scheme or path)")
+    return [v.strip() for v in value]
+
+
 # Config key -> (StackConfig field, check).
 _KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "driver": ("driver", _driver),
@@ -516,6 +530,7 @@ _KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "nodes": ("nodes", _nodes),
     "git": ("git", _git),
     "dataPlane": ("data_plane", _data_plane),
+    "gatewayHosts": ("gateway_hosts", _host_names),
 }
 
 

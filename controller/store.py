@@ -267,7 +267,9 @@ class Store:
     def forget(self, deployment: str) -> None:
         """Delete a deployment's stored state (after `autodeploy delete`)."""
         with self._lock:
-            for table in ("events", "revisions", "ledger", "instances"):
+            # The audit trail (who did what, controller.auth) outlives what it audits.
+            self._db.execute("DELETE FROM events WHERE deployment=? AND kind != 'audit'", (deployment,))
+            for table in ("revisions", "ledger", "instances"):
                 self._db.execute(f"DELETE FROM {table} WHERE deployment=?", (deployment,))
 
 

@@ -7,17 +7,19 @@ import os
 import time
 from typing import Iterator
 
-from flask import Flask, Response, request
+from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.routing import PathConverter
 
 from controller import errors
+from controller.auth import HostPolicy
 from controller.errors import AutoDeployError
 from controller.ipc import IpcClient
 from controller.policy.balance import client_ip
 from controller.policy.capacity import RANDOM, ROUND_ROBIN, SCALE_OUT
 from gateway.balancer import RequestKey, cookie_name
 from gateway.counters import SharedCounters
+from gateway.guard import ApiGuard
 from gateway.inflight import SharedInflight
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.outliers import CONNECT_FAILED, RESET, retry_allowed
@@ -37,6 +39,8 @@ CHUNK = 64 * 1024
 
 def error_response(exc: AutoDeployError) -> Response:
     resp = Response(_json_bytes(exc.to_json()), status=exc.error.http_status, mimetype="application/json")
+    if exc.error.http_status == 401:
+        resp.headers["WWW-Authenticate"] = 'Bearer realm="autodeploy"'
     if exc.retry_after is not None:
         resp.headers["Retry-After"] = str(max(1, int(round(exc.retry_after + 0.499))))
     return resp
@@ -254,6 +258,17 @@ def create_app(ipc_path: str | None = None, counters_path: str | None = None, co
     app.url_map.converters["anypath"] = AnyPath
     app.url_map.merge_slashes = False  # `//x` is the instance's business, not a 308 HTML redirect
     app.config["router"] = router
+    hosts_env = os.environ.get("AUTODEPLOY_GATEWAY_HOSTS")
+    guard = ApiGuard(ipc, HostPolicy.from_env(hosts_env) if hosts_env else None,
+                     enabled=os.environ.get("AUTODEPLOY_AUTH", "on") != "off")
+
+    @app.before_request
+    def _guard() -> None:
+        path = request.path
+        if path.startswith("/api/") or path == "/api" or path == "/metrics":
+            checked = guard.check(request.method, path, request.headers, request.content_length,
+                                  request.stream.read)
+            g.principal, g.body = checked.principal, checked.body
 
     @app.errorhandler(AutoDeployError)
     def _coded(exc: AutoDeployError) -> Response:
@@ -281,7 +296,8 @@ def create_app(ipc_path: str | None = None, counters_path: str | None = None, co
 
     @app.post("/api/deployments/<name>/<action>")
     def action(name: str, action: str) -> Response:
-        return _json(ipc.call("action", name=name, action=action, args=_json_object_body())["result"])
+        return _json(ipc.call("action", name=name, action=action, args=g.body,
+                              actor=g.principal.describe())["result"])
 
     @app.get("/api/deployments/<name>/<action>")  # history, rollout, drift (controller.operations)
     def view(name: str, action: str) -> Response:
@@ -295,14 +311,39 @@ def create_app(ipc_path: str | None = None, counters_path: str | None = None, co
     def source() -> Response:  # the desired-state source: repo, branch, live commit, last fetch, events
         return _json(ipc.call("source")["source"])
 
-    # Issue #12 (access control): this endpoint must need the operator role once auth lands.
-    @app.post("/api/git/sync")
+    @app.post("/api/git/sync")  # operator (controller.auth.required_role)
     def git_sync() -> Response:  # a push hook calls this: poll the branch now, answer when applied
-        args = request.get_json(silent=True) or {}
-        timeout = args.get("timeout", 60) if isinstance(args, dict) else 60
+        timeout = g.body.get("timeout", 60)
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 120:
             raise AutoDeployError(errors.BAD_REQUEST, f"timeout must be seconds from 0 to 120, got {timeout!r}")
-        return _json(ipc.call("source", sync=True, timeout=float(timeout))["source"])
+        return _json(ipc.call("source", sync=True, timeout=float(timeout), actor=g.principal.describe())["source"])
+
+    @app.get("/api/tokens")
+    def tokens() -> Response:
+        return _json(ipc.call("tokens", do="list"))
+
+    @app.post("/api/tokens")
+    def token_create() -> Response:
+        return _json(ipc.call("tokens", do="create", name=g.body.get("name"), role=g.body.get("role"),
+                              actor=g.principal.describe()))
+
+    @app.post("/api/tokens/revoke")
+    def token_revoke() -> Response:
+        return _json(ipc.call("tokens", do="revoke", name=g.body.get("name"), actor=g.principal.describe()))
+
+    @app.get("/api/keys")
+    def keys() -> Response:
+        return _json(ipc.call("keys", do="list", deployment=request.args.get("deployment")))
+
+    @app.post("/api/keys")
+    def key_create() -> Response:
+        return _json(ipc.call("keys", do="create", deployment=g.body.get("deployment"), name=g.body.get("name"),
+                              scale_out=g.body.get("scale_out", False), actor=g.principal.describe()))
+
+    @app.post("/api/keys/revoke")
+    def key_revoke() -> Response:
+        return _json(ipc.call("keys", do="revoke", deployment=g.body.get("deployment"), name=g.body.get("name"),
+                              actor=g.principal.describe()))
 
     @app.get("/healthz")
     def healthz() -> Response:
@@ -331,22 +372,6 @@ def create_app(ipc_path: str | None = None, counters_path: str | None = None, co
         return error_response(AutoDeployError(errors.GATEWAY_INTERNAL, f"{type(exc).__name__}: {exc}"))
 
     return app
-
-
-def _json_object_body() -> dict:
-    """An action's arguments: an empty body, or a JSON object; anything else is a coded 400."""
-    raw = request.get_data(cache=True)
-    if not raw.strip():
-        return {}
-    try:
-        data = json.loads(raw)
-    except ValueError as exc:
-        raise AutoDeployError(errors.BAD_REQUEST, f"the body is not JSON ({exc}); send an object such as "
-                                                  '{"replicas": 2}') from None
-    if not isinstance(data, dict):
-        raise AutoDeployError(errors.BAD_REQUEST, f"the body must be a JSON object such as {{\"replicas\": 2}}, "
-                                                  f"not {type(data).__name__}")
-    return data
 
 
 def _json(data: object) -> Response:

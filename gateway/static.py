@@ -40,11 +40,26 @@ def parse_routes(routes: dict[str, Any]) -> dict[str, Any]:
     return {"version": 1, "deployments": deps}
 
 
+def parse_tokens(text: str) -> dict[str, dict]:
+    """AUTODEPLOY_API_TOKENS: `name:role:sha256hex` items, comma-separated (hashes of
+    `autodeploy token create` tokens, or of `openssl rand -hex 32`). Without any, the static
+    gateway's status API answers 401 to everyone."""
+    out = {}
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        name, role, token_hash = (item.split(":") + ["", ""])[:3]
+        if role not in ("viewer", "operator", "admin") or len(token_hash) != 64:
+            raise AutoDeployError(errors.SPEC_INVALID, f"AUTODEPLOY_API_TOKENS item {name!r} must be "
+                                  "name:role:sha256-hex with role viewer, operator or admin")
+        out[token_hash.lower()] = {"name": name, "role": role}
+    return out
+
+
 class StaticControlPlane:
     """Answers the gateway's control calls (the `IpcClient.call` interface) from fixed routes."""
 
-    def __init__(self, routes: dict[str, Any]) -> None:
+    def __init__(self, routes: dict[str, Any], tokens: str = "") -> None:
         self.snapshot = parse_routes(routes)
+        self.tokens = parse_tokens(tokens)
         self._idle = threading.Event()
 
     @classmethod
@@ -52,7 +67,7 @@ class StaticControlPlane:
         raw = os.environ.get("AUTODEPLOY_ROUTES")
         if not raw:
             raise AutoDeployError(errors.SPEC_INVALID, "AUTODEPLOY_ROUTES is not set; the Pulumi program sets it")
-        return cls(json.loads(raw))
+        return cls(json.loads(raw), os.environ.get("AUTODEPLOY_API_TOKENS", ""))
 
     def call(self, op: str, **kw: Any) -> dict:
         if op == "sync":
@@ -66,6 +81,8 @@ class StaticControlPlane:
             return {"status": self._status(kw.get("name"))}
         if op == "unreachable":
             return {}
+        if op == "auth":
+            return {"principal": self.tokens.get(str(kw.get("hash")))}
         raise AutoDeployError(errors.BAD_REQUEST, f"the static gateway has no {op!r}: {FIXED}")
 
     def _dep(self, name: str) -> dict:

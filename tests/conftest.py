@@ -58,8 +58,19 @@ def wait_until(predicate, what: str, timeout: float = 20.0, interval: float = 0.
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def admin_token(state_dir: Path) -> str | None:
+    """The token `serve` wrote on its first start (what the CLI on the same machine uses)."""
+    try:
+        return (state_dir / "admin.token").read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
 @dataclass
 class Served:
+    """A running `autodeploy serve`. `get`/`post` send its admin token to the API (`/api/...`,
+    `/metrics`) unless the call passes its own `Authorization` header, or `auth=False` for an
+    anonymous call."""
     proc: subprocess.Popen
     url: str
     deployments: Path
@@ -67,11 +78,26 @@ class Served:
     log_path: Path
     args: list[str] = field(default_factory=list)
 
+    @property
+    def token(self) -> str | None:
+        return admin_token(self.state_dir)
+
+    def _auth(self, path: str, kw: dict, method: str = "GET") -> dict:
+        send = kw.pop("auth", True)
+        headers = dict(kw.pop("headers", None) or {})
+        api = path.startswith("/api") or path.startswith("/metrics")
+        if send and api and self.token and not any(k.lower() == "authorization" for k in headers):
+            headers["Authorization"] = f"Bearer {self.token}"
+        kw["headers"] = headers
+        if api and method == "POST" and "json" not in kw and "data" not in kw:
+            kw["json"] = {}  # the API takes JSON objects only, as the CLI sends them
+        return kw
+
     def get(self, path: str, **kw) -> requests.Response:
-        return requests.get(self.url + path, timeout=kw.pop("timeout", 30), **kw)
+        return requests.get(self.url + path, timeout=kw.pop("timeout", 30), **self._auth(path, kw))
 
     def post(self, path: str, **kw) -> requests.Response:
-        return requests.post(self.url + path, timeout=kw.pop("timeout", 30), **kw)
+        return requests.post(self.url + path, timeout=kw.pop("timeout", 30), **self._auth(path, kw, "POST"))
 
     def status(self, name: str | None = None) -> dict:
         return self.get("/api/deployments" + (f"/{name}" if name else "")).json()
@@ -120,7 +146,7 @@ def start_serve(tmp: Path, files: dict[str, str], *extra: str, state_dir: Path |
         if proc.poll() is not None:
             raise AssertionError(f"serve exited with {proc.returncode}:\n{served.log()}")
         try:
-            if requests.get(served.url + "/api/deployments", timeout=1).status_code == 200:
+            if served.token and served.get("/api/deployments", timeout=1).status_code == 200:
                 return served
         except requests.RequestException:
             pass
@@ -151,11 +177,13 @@ def data_plane(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def serve(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator:
+def serve(tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator:
     """Start `autodeploy serve` with the given deployment files; always cleaned up.
 
     Tests that do not ask for `data_plane` run on the python data plane (the gateway
-    itself), so the default choice (haproxy when installed) never changes them silently."""
+    itself), so the default choice (haproxy when installed) never changes them silently.
+    AUTODEPLOY_TOKEN is set to the latest serve's admin token, so `autodeploy ...` CLI
+    subprocesses of the test authenticate as the admin of that serve."""
     plane = request.getfixturevalue("data_plane") if "data_plane" in request.fixturenames else "python"
     started: list[Served] = []
 
@@ -164,6 +192,8 @@ def serve(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator:
             extra = (*extra, "--data-plane", plane)
         served = start_serve(tmp_path, files, *extra, **kw)
         started.append(served)
+        if served.token:
+            monkeypatch.setenv("AUTODEPLOY_TOKEN", served.token)
         return served
 
     yield _start
@@ -195,13 +225,13 @@ def _stop_haproxy(state_dir: Path) -> None:
 
 def _instance_pids(served: Served) -> list[int]:
     try:
-        data = requests.get(served.url + "/api/deployments", timeout=2).json()
+        data = served.get("/api/deployments", timeout=2).json()
     except (requests.RequestException, ValueError):
         return []
     pids = []
     for dep in data.get("deployments", []):
         try:
-            detail = requests.get(served.url + f"/api/deployments/{dep['name']}", timeout=2).json()
+            detail = served.get(f"/api/deployments/{dep['name']}", timeout=2).json()
         except (requests.RequestException, ValueError):
             continue
         pids += [i["pid"] for i in detail.get("instances", []) if i.get("pid")]

@@ -14,10 +14,12 @@ import pytest
 import requests
 
 from conftest import ECHO_MODEL, PY, free_port
+from controller.auth import digest
 from controller.errors import AutoDeployError
 from gateway.static import StaticControlPlane
 
 RULE = "Deploy-Route-Rule"
+VIEWER = "adt_static-gateway-test-viewer-token"
 
 
 @pytest.fixture
@@ -31,7 +33,7 @@ def gateway(tmp_path):
         "paused": {"state": "stopped", "algorithm": "round-robin", "stickySessions": False, "healthCheckPath": None,
                    "instances": []}}}
     port = free_port()
-    env = dict(os.environ, AUTODEPLOY_ROUTES=json.dumps(routes))
+    env = dict(os.environ, AUTODEPLOY_ROUTES=json.dumps(routes), AUTODEPLOY_API_TOKENS=f"ci:viewer:{digest(VIEWER)}")
     proc = subprocess.Popen([str(Path(sys.executable).parent / "autodeploy"), "gateway-static", "--bind",
                              f"127.0.0.1:{port}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -66,7 +68,9 @@ def test_static_gateway_answers_the_seed_codes_for_what_it_cannot_do(gateway):
     assert requests.get(gateway + "/d/tts/", headers={RULE: "nope"}, timeout=10).json()["code"] == 1006
     assert requests.get(gateway + "/d/paused/", timeout=10).json()["code"] == 1002
     assert requests.get(gateway + "/d/ghost/", timeout=10).json()["code"] == 1001
-    status = requests.get(gateway + "/api/deployments", timeout=10).json()
+    assert requests.get(gateway + "/api/deployments", timeout=10).json()["code"] == 1030
+    status = requests.get(gateway + "/api/deployments", headers={"Authorization": f"Bearer {VIEWER}"},
+                          timeout=10).json()
     assert [(d["name"], d["status"]) for d in status["deployments"]] == [("paused", "Standby"), ("tts", "Running")]
 
 
