@@ -200,7 +200,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 def _live_commit(args: argparse.Namespace) -> dict | None:
     """The commit serve follows now (git source), or None for a folder."""
-    source = _call("GET", args.url.rstrip("/") + "/api/git")
+    source = _call(args, "GET", "/api/git")
     return source.get("live_commit") if source.get("kind") == "git" else None
 
 

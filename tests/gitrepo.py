@@ -6,12 +6,14 @@ import subprocess
 from pathlib import Path
 
 AUTHOR = "Ada Lovelace <ada@example.com>"
-_ENV = dict(os.environ, GIT_TERMINAL_PROMPT="0", GIT_CONFIG_NOSYSTEM="1", GIT_COMMITTER_NAME="CI",
+_GIT_ENV = dict(GIT_TERMINAL_PROMPT="0", GIT_CONFIG_NOSYSTEM="1", GIT_COMMITTER_NAME="CI",
             GIT_COMMITTER_EMAIL="ci@example.com", GIT_AUTHOR_NAME="CI", GIT_AUTHOR_EMAIL="ci@example.com")
 
 
 def git(*args: str, cwd: Path | None = None) -> str:
-    proc = subprocess.run(["git", *args], cwd=cwd, env=_ENV, capture_output=True, text=True, timeout=60)
+    # The environment of the moment (not of import): a push hook needs the test's AUTODEPLOY_TOKEN.
+    proc = subprocess.run(["git", *args], cwd=cwd, env={**os.environ, **_GIT_ENV}, capture_output=True, text=True,
+                          timeout=60)
     if proc.returncode != 0:
         raise AssertionError(f"git {' '.join(args)} failed: {proc.stderr}")
     return proc.stdout.strip()
