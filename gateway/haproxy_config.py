@@ -220,7 +220,9 @@ def render(settings: Settings, backends: Iterable[Backend],
     w("    option http-no-delay")  # streamed chunks (SSE, tokens) leave at once, not ~200 ms later
     w("    option redispatch")
     w("    retry-on conn-failure empty-response")
-    w("    retries 1")
+    # A node that stops answering takes all its instances at once: with redispatch each retry
+    # tries another server, so a few retries get past every dead one before the drain lands.
+    w("    retries 3")
     w(f"    timeout connect {_s(s.connect_timeout_s)}")
     w(f"    timeout http-request {_s(s.http_request_timeout_s)}")
     w(f"    timeout http-keep-alive {_s(s.keep_alive_timeout_s)}")
