@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--project-dir", type=Path, default=Path("."))
 
     p = sub.add_parser("nodes", help="the Docker hosts: reachable or not, GPUs free and used, instances")
-    p.add_argument("--url", default=DEFAULT_URL, help=f"gateway URL (default {DEFAULT_URL}, or $AUTODEPLOY_URL)")
+    cli_auth.add_client_args(p, DEFAULT_URL)
     p.add_argument("--json", action="store_true", help="print the status API's `nodes` JSON")
 
     p = sub.add_parser("gateway-static", help="the gateway alone, routing to fixed instances (Pulumi's gateway container)")
@@ -201,7 +201,7 @@ def cmd_gpus(args: argparse.Namespace) -> int:
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:
-    data = _get(f"{args.url.rstrip('/')}/api/deployments")
+    data = _get(args, "/api/deployments")
     nodes = data.get("nodes") or []
     if args.json:
         print(json.dumps(nodes, indent=2))
