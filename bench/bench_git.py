@@ -11,6 +11,7 @@ Run: .venv/bin/python bench/bench_git.py [--rounds 5] [--interval 5s]
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import signal
 import statistics
@@ -30,6 +31,9 @@ from tests.gitrepo import Remote  # noqa: E402 - the tests' real bare repository
 ECHO_CMD = f"{PY} {ROOT}/deployments/models/echo_model.py --port ${{PORT}}"
 
 
+HEADERS: dict[str, str] = {}
+
+
 def serve(tmp: Path, *source: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     log = open(tmp / f"serve-{port}.log", "wb")
@@ -37,14 +41,18 @@ def serve(tmp: Path, *source: str) -> tuple[subprocess.Popen, str]:
                              str(tmp / f"state-{port}"), "--port", str(port), "--project-dir", str(ROOT)],
                             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
-    wait_http(url + "/api/deployments")
+    wait_http(url + "/healthz")
+    # The admin token serve wrote on its first start: for the status API, and for the push hook.
+    token = (tmp / f"state-{port}" / "admin.token").read_text().strip()
+    HEADERS["Authorization"] = f"Bearer {token}"
+    os.environ["AUTODEPLOY_TOKEN"] = token
     return proc, url
 
 
 def wait_for(url: str, name: str, timeout: float = 120.0) -> float:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        names = [d["name"] for d in requests.get(url + "/api/deployments", timeout=10).json()["deployments"]]
+        names = [d["name"] for d in requests.get(url + "/api/deployments", headers=HEADERS, timeout=10).json()["deployments"]]
         if name in names:
             return time.perf_counter()
         time.sleep(0.01)
