@@ -142,3 +142,33 @@ def test_no_engine_answering_at_all_is_error_1015_naming_every_node(tmp_path: Pa
                             NodeConfig("b", f"unix://{tmp_path}/b.sock", "127.0.0.2")])
     assert err.value.error is DRIVER_FAILED
     assert "node a:" in err.value.message and "node b:" in err.value.message
+
+
+@pytest.mark.docker
+def test_gpu_probe_says_why_it_found_no_gpus(tmp_path: Path) -> None:
+    from docker_images import busybox_image, docker_client_or_skip
+    client = docker_client_or_skip()
+    image = busybox_image(client)
+    client.close()
+    from controller.drivers.docker import DockerDriver
+    driver = DockerDriver(nodes=[
+        NodeConfig("absent", "unix:///var/run/docker.sock", "127.0.0.1", gpu_probe_image="autodeploy-test/no-probe:1"),
+    ])
+    try:
+        state = driver.nodes.get("absent")
+        assert (state.gpus, state.gpu_source) == ((), "none")
+        assert "probe image 'autodeploy-test/no-probe:1' is not on node absent" in state.gpu_detail
+    finally:
+        driver.close()
+    # An image that is there but has no nvidia-smi (and an engine without the NVIDIA
+    # runtime): the probe runs and its failure is the detail, never a crash.
+    driver = DockerDriver(nodes=[NodeConfig("plain", "unix:///var/run/docker.sock", "127.0.0.1",
+                                            gpu_probe_image=image)])
+    try:
+        state = driver.nodes.get("plain")
+        assert state.gpus == () and state.gpu_detail
+        assert state.gpu_detail.startswith(f"probing GPUs with {image} failed") or \
+            state.gpu_detail == "nvidia-smi listed no GPU"
+        assert not driver.client.containers.list(all=True, filters={"name": "autodeploy-gpu-probe-plain"})
+    finally:
+        driver.close()

@@ -271,11 +271,16 @@ class DockerDriver:
                                 "(docker load) or declare the node's gpus")
         except _ENGINE_ERRORS as exc:
             return [], "none", f"probing GPUs failed: {exc}"
+        name = f"autodeploy-gpu-probe-{node.name}-{int(self.clock())}"
         try:
             raw = client.containers.run(image, PROBE_COMMAND, entrypoint=[], remove=True, stdout=True, stderr=True,
                                         device_requests=[docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])],
-                                        name=f"autodeploy-gpu-probe-{node.name}-{int(self.clock())}")
+                                        name=name)
         except _ENGINE_ERRORS as exc:
+            try:  # a probe the engine created but could not start stays behind otherwise
+                client.containers.get(name).remove(force=True)
+            except _ENGINE_ERRORS:
+                pass
             return [], "none", f"probing GPUs with {image} failed: {exc}"
         gpus = parse_probe_output(raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw))
         return gpus, source, "" if gpus else "nvidia-smi listed no GPU"
