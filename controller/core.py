@@ -20,7 +20,7 @@ from controller import errors
 from controller.drivers.base import Driver, Instance
 from controller.autoscaler import Autoscaler
 from controller.errors import AutoDeployError
-from controller.health import is_ready
+from controller.health import is_ready, listener_problem
 from controller.ids import new_instance_id
 from controller.loader import LoadResult, SpecError, load_text
 from controller.node_watch import NodeWatch, place_instance
@@ -344,6 +344,10 @@ class Controller:
                 return
             if is_ready(inst.host, inst.port, path, timeout=max(0.5, health.timeout_s if health else 1.0),
                         tcp_is_enough=self.driver.tcp_accept_means_ready):
+                problem = listener_problem(self.driver, inst)
+                if problem is not None:
+                    self._fail(rec, AutoDeployError(errors.INSTANCE_START_FAILED, f"instance {rec.id}: {problem}"))
+                    return
                 break
             elapsed = time.monotonic() - begin
             if elapsed > spec.start_timeout_s:

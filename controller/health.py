@@ -40,3 +40,17 @@ def is_ready(host: str, port: int, health_path: str | None, timeout: float = 1.0
     if tcp_is_enough:
         return port_accepts(host, port, timeout)
     return http_status(host, port, "/", timeout) is not None
+
+
+def listener_problem(driver: object, inst: object) -> str | None:
+    """Readiness proof: the answer must come from the instance itself. A driver that can
+    tell who holds the port (`owns_listener`, the local driver) is asked; a port held by
+    someone else (the gateway itself, when a command that ignores ${PORT} has the
+    gateway's port as spec.port) makes the start fail with what to change."""
+    owns = getattr(driver, "owns_listener", None)
+    if owns is None or owns(inst) is not False:
+        return None
+    port = getattr(inst, "port", "?")
+    return (f"port {port} answers, but no process of the instance listens there: another program holds it "
+            f"(the gateway itself, when spec.port is the gateway's port); use ${{PORT}} in spec.command "
+            "so that the instance gets a free port of its own")

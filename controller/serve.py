@@ -31,6 +31,8 @@ from controller.sources import SOURCE_EVENTS, Source, SourceUpdate, SourceWatche
 from controller.sources.folder import FolderSource
 from controller.nodes import NodePrices
 from controller.stack import StackConfig, load_stack
+from controller import statedir
+from controller.statedir import StateDirBusy, StateDirLock
 from controller.store import Store
 from controller.usage import UsageSampler
 
@@ -64,10 +66,11 @@ class ServeOptions:
     insecure_no_auth: bool = False  # loopback binds only
 
 
-def make_driver(name: str, opts: ServeOptions, stack: StackConfig, store: Store, inventory: Any = None) -> Driver:
+def make_driver(name: str, opts: ServeOptions, stack: StackConfig, store: Store, inventory: Any = None,
+                user_umask: int | None = None) -> Driver:
     if name == "local":
         from controller.drivers.local import LocalDriver
-        return LocalDriver(opts.state_dir, opts.project_dir)
+        return LocalDriver(opts.state_dir, opts.project_dir, umask=user_umask)
     if name == "docker":
         from controller.drivers.docker import DockerDriver
         from controller.nodes import write_nodes_file
@@ -132,8 +135,15 @@ class Server:
             raise SystemExit(f"--insecure-no-auth is refused with --host {self.host}: without tokens anyone who "
                              "reaches the gateway could start, stop and delete GPU deployments. Bind 127.0.0.1, "
                              "or drop the flag and use tokens (`autodeploy token create`).")
-        opts.state_dir.mkdir(parents=True, exist_ok=True)
-        self.store = Store(opts.state_dir / "autodeploy.db")
+        # First of all: one serve per state dir. A second one leaves here, touching nothing.
+        self.lock = StateDirLock(opts.state_dir)
+        try:
+            self.lock.acquire()
+        except StateDirBusy as exc:
+            raise SystemExit(f"autodeploy serve: {exc}") from None
+        self.user_umask = os.umask(statedir.SERVE_UMASK)  # files 0600, folders 0700 from here on
+        statedir.secure(opts.state_dir)
+        self.store, self.store_problem = Store.open_checked(opts.state_dir / "autodeploy.db")
         self.auth = AuthStore(opts.state_dir / "autodeploy.db")
         self.admin_token_path, created = ensure_admin_token(opts.state_dir, self.auth)
         if created:
@@ -141,7 +151,7 @@ class Server:
                      self.admin_token_path)
         self.inventory = discover_inventory(self.stack)
         self.driver_name = opts.driver or self.stack.driver
-        self.driver = make_driver(self.driver_name, opts, self.stack, self.store, self.inventory)
+        self.driver = make_driver(self.driver_name, opts, self.stack, self.store, self.inventory, self.user_umask)
         self.controller = Controller(self.driver, self.store, inventory=self.inventory, prices=NodePrices(self.stack),
                                      queue_limit=opts.queue_limit, stop_timeout=opts.stop_timeout)
         self.ipc_path = _socket_path(opts.state_dir)
@@ -210,6 +220,11 @@ class Server:
         log.info("stack %s, driver %s, GPU inventory from %s, %s", self.stack.name,
                  self.driver_name, self.inventory.source, self._describe_source())
         log.info("data plane %s: %s", self.data_plane_name, self.data_plane_why)
+        if self.data_plane_name == "python":
+            self._check_bind()  # before adopting anything: a port in use is a plain exit 1
+        if self.store_problem is not None:
+            log.error("%s", self.store_problem)
+            self.store.event("serve", "store", self.store_problem)
         self.load()
         self.controller.adopt_stored()
         if self.opts.insecure_no_auth:
@@ -226,6 +241,7 @@ class Server:
             t.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop.set())
+        failed = False
         try:
             if self.data_plane_name == "haproxy":
                 self.gunicorn = self._spawn_gateway("127.0.0.1", self._activator_port())
@@ -237,12 +253,29 @@ class Server:
                       f"(endpoints at /d/<name>/)", flush=True)
             while not self.stop.is_set():
                 if self.gunicorn.poll() is not None:
-                    log.error("gateway exited with code %s", self.gunicorn.returncode)
+                    log.error("gateway exited with code %s (is %s:%s free?)", self.gunicorn.returncode,
+                              self.host, self.port)
+                    failed = True
                     break
                 self.stop.wait(0.2)
         finally:
             self._shutdown(ipc)
-        return 0 if self.stop.is_set() else 1
+        return 1 if failed else 0
+
+    def _check_bind(self) -> None:
+        """Exit non-zero, saying why, when the gateway's address cannot be listened on."""
+        try:
+            infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+            family, _, _, _, addr = infos[0]
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(addr)
+        except OSError as exc:
+            self.auth.close()
+            self.store.close()
+            self.lock.release()
+            raise SystemExit(f"autodeploy serve: cannot listen on {self.host}:{self.port}: "
+                             f"{exc.strerror or exc}; stop what uses it or pass --port") from None
 
     def _activator_port(self) -> int:
         """The activator's internal port, kept across restarts so an adopted HAProxy still reaches it."""
@@ -339,4 +372,5 @@ class Server:
         self.driver.close()
         self.auth.close()
         self.store.close()
+        self.lock.release()
         log.info("stopped")

@@ -114,6 +114,32 @@ class Store:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     @classmethod
+    def open_checked(cls, path: Path, now: float | None = None) -> tuple["Store", str | None]:
+        """Open the store after SQLite's integrity check; a corrupt file is moved aside (kept
+        for inspection) and a new store started. Returns the store and what happened, if
+        anything: the caller then finds running instances from the driver, not the store."""
+        if not path.exists():
+            return cls(path), None
+        problem = None
+        try:
+            store = cls(path)
+            rows = store._query("PRAGMA integrity_check")
+            if [r[0] for r in rows] == ["ok"]:
+                return store, None
+            problem = "; ".join(str(r[0]) for r in rows[:3])
+            store.close()
+        except sqlite3.DatabaseError as exc:
+            problem = str(exc)
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(time.time() if now is None else now))
+        aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            part = Path(str(path) + suffix)
+            if part.exists():
+                part.rename(Path(str(aside) + suffix))
+        return cls(path), (f"{path.name} failed SQLite's integrity check ({problem}): moved to {aside.name}, "
+                           "started a new store")
+
+    @classmethod
     def read_only(cls, path: Path) -> "Store":
         """A reader for commands beside a running serve (`autodeploy logs`): writes nothing."""
         self = cls.__new__(cls)

@@ -16,6 +16,7 @@ from controller.drivers.base import Exit, Instance
 from controller.spec import Deployment
 
 _PORT_REF = re.compile(r"\$\{?PORT\b")
+STATE_DIR_ENV = "AUTODEPLOY_STATE_DIR"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -42,10 +43,13 @@ class LocalDriver:
     name = "local"
     tcp_accept_means_ready = True
 
-    def __init__(self, state_dir: Path, workdir: Path) -> None:
+    def __init__(self, state_dir: Path, workdir: Path, umask: int | None = None) -> None:
+        self.state_dir = state_dir.resolve()
         self.log_dir = state_dir / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
+        # serve keeps its own files private (umask 077); instances get the user's umask back.
+        self.umask = umask
         self._procs: dict[str, subprocess.Popen | psutil.Process] = {}
         self._ps_cache: dict[int, psutil.Process] = {}  # for stats(): psutil keeps CPU baselines per object
 
@@ -57,16 +61,17 @@ class LocalDriver:
         env.update(dep.env)
         env.update({"PORT": str(port), "AUTODEPLOY_INSTANCE_ID": instance_id,
                     "AUTODEPLOY_DEPLOYMENT": dep.name, "AUTODEPLOY_REVISION": dep.revision,
-                    "PYTHONUNBUFFERED": "1"})
+                    # With the id, how `discover` finds this process when the store is lost.
+                    STATE_DIR_ENV: str(self.state_dir), "PYTHONUNBUFFERED": "1"})
         if gpu_ids:
             # NVML UUIDs are valid CUDA_VISIBLE_DEVICES entries; GPUs declared in the
             # stack config have no real UUID, so they are named by index.
             env["CUDA_VISIBLE_DEVICES"] = ",".join(g.removeprefix("declared-") for g in gpu_ids)
         log_path = self.log_dir / f"{dep.name}-{instance_id}.log"
-        with open(log_path, "ab") as log:
+        with open(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log:
             proc = subprocess.Popen(["/bin/sh", "-c", command], cwd=self.workdir, env=env,
                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+                                    start_new_session=True, umask=-1 if self.umask is None else self.umask)
         self._procs[instance_id] = proc
         return Instance(id=instance_id, deployment=dep.name, revision=dep.revision, host="127.0.0.1",
                         port=port, started_at=time.time(), pid=proc.pid,
@@ -113,7 +118,64 @@ class LocalDriver:
         return True
 
     def discover(self) -> list[Instance]:
-        return []  # local processes carry no labels; the store is the record
+        """Instances this state dir started, found by their environment: each carries
+        AUTODEPLOY_INSTANCE_ID and the state dir. What the store forgot (a lost or corrupt
+        database) is found here, so it can be adopted or stopped rather than orphaned."""
+        found: dict[str, Instance] = {}
+        mine = str(self.state_dir)
+        for proc in psutil.process_iter(["pid", "create_time"]):
+            try:
+                if os.getpgid(proc.pid) != proc.pid:
+                    continue  # only the group leader (the /bin/sh we started) stands for the instance
+                env = proc.environ()
+            except (psutil.Error, OSError):
+                continue  # gone, or another user's: not ours
+            iid = env.get("AUTODEPLOY_INSTANCE_ID")
+            if not iid or env.get(STATE_DIR_ENV) != mine or iid in found:
+                continue
+            try:
+                port = int(env.get("PORT", "0"))
+            except ValueError:
+                port = 0
+            log_path = self.log_dir / f"{env.get('AUTODEPLOY_DEPLOYMENT', '')}-{iid}.log"
+            found[iid] = Instance(id=iid, deployment=env.get("AUTODEPLOY_DEPLOYMENT", ""),
+                                  revision=env.get("AUTODEPLOY_REVISION", ""), host="127.0.0.1", port=port,
+                                  started_at=proc.info["create_time"] or time.time(), pid=proc.pid,
+                                  pid_create_time=proc.info["create_time"],
+                                  gpu_ids=[g if g.startswith("GPU-") else f"declared-{g}"
+                                           for g in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if g],
+                                  log_path=str(log_path) if log_path.exists() else None)
+        return sorted(found.values(), key=lambda i: i.started_at)
+
+    def owns_listener(self, inst: Instance) -> bool | None:
+        """Whether the socket listening on the instance's port belongs to its own processes.
+
+        Readiness must prove the answer came from the instance: a command that ignores
+        ${PORT} on the gateway's own port would otherwise be "ready" because the gateway
+        answered itself. None when it cannot be told (no pid, or /proc hides sockets)."""
+        if inst.pid is None:
+            return None
+        try:
+            root = psutil.Process(inst.pid)
+            procs = {root.pid: root, **{c.pid: c for c in root.children(recursive=True)}}
+        except psutil.Error:
+            return False
+        for proc in psutil.process_iter():  # members of its process group that left the tree
+            try:
+                if proc.pid not in procs and os.getpgid(proc.pid) == inst.pid:
+                    procs[proc.pid] = proc
+            except (OSError, psutil.Error):
+                continue
+        seen_any = False
+        for proc in procs.values():
+            try:
+                conns = proc.net_connections(kind="inet")
+            except psutil.Error:
+                continue
+            seen_any = True
+            if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == inst.port for c in conns):
+                return True
+        return False if seen_any else None
 
     def log_tail(self, inst: Instance, lines: int = 20) -> str:
         return tail_file(inst.log_path, lines)
