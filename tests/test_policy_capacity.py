@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from controller import errors
-from controller.policy.capacity import (Capacity, decide_acquire, readiness_poll_interval, restart_backoff)
+from controller.policy.capacity import (CRASH_LOOP_AFTER, Capacity, decide_acquire, hold_through_failure,
+                                       readiness_poll_interval, restart_backoff)
 
 
 def cap(ready=(), starting=(), draining=(), stopping=0, max_replicas=3, waiting=0, queue_limit=10,
@@ -78,3 +79,17 @@ def test_readiness_polls_tightly_at_first_then_relaxes():
     assert readiness_poll_interval(0.1) <= 0.005
     assert readiness_poll_interval(5) <= 0.01
     assert readiness_poll_interval(60) == 0.1
+
+
+def test_a_crash_holds_requests_until_the_restart_and_a_crash_loop_rejects():
+    held = decide_acquire(None, Capacity((), (), (), 0, 3, 0, 10, backoff_until=5.0, failures=1), now=2.0)
+    assert (held.action, held.instance, held.until) == ("wait", None, 5.0)
+    assert decide_acquire(None, Capacity((), (), (), 0, 3, 0, 10, backoff_until=5.0, failures=1),
+                          now=5.0).action == "start"
+    loop = decide_acquire(None, Capacity((), (), (), 0, 3, 0, 10, backoff_until=5.0, failures=CRASH_LOOP_AFTER),
+                          now=2.0)
+    assert loop.error is errors.INSTANCE_START_FAILED and loop.retry_after == 3.0
+    assert "3 failures in a row" in loop.reason
+    full = decide_acquire(None, Capacity((), (), (), 0, 3, 10, 10, backoff_until=5.0, failures=1), now=2.0)
+    assert full.error is errors.QUEUE_FULL
+    assert [hold_through_failure(n) for n in range(5)] == [True, True, True, False, False]

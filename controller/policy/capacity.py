@@ -18,6 +18,11 @@ ROUND_ROBIN = "round-robin"
 RESERVED_RULES = (SCALE_OUT, RANDOM, ROUND_ROBIN)
 
 
+# A crash is not a crash loop: until this many starts in a row have failed, requests that
+# arrive while a restart backs off are held (as at a cold start) rather than failed.
+CRASH_LOOP_AFTER = 3
+
+
 @dataclass(frozen=True)
 class Capacity:
     """One deployment's instances by phase, as the controller sees them now."""
@@ -30,6 +35,7 @@ class Capacity:
     queue_limit: int
     backoff_until: float  # restarts back off after failures until then
     running: bool = True  # spec.state == running
+    failures: int = CRASH_LOOP_AFTER  # consecutive failed starts (or crashes with no ready since)
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,7 @@ class AcquireDecision:
     error: ErrorCode | None = None
     retry_after: float | None = None
     reason: str = ""
+    until: float | None = None  # wait: decide again at this time even if nothing changed
 
     @staticmethod
     def reject(error: ErrorCode, reason: str, retry_after: float | None = None) -> "AcquireDecision":
@@ -91,12 +98,24 @@ def _wait(cap: Capacity, instance: str | None, reason: str) -> AcquireDecision:
 
 def _start_or_backoff(cap: Capacity, now: float, reason: str) -> AcquireDecision:
     if now < cap.backoff_until:
-        return AcquireDecision.reject(errors.INSTANCE_START_FAILED, "restarts are backing off after failures",
+        if cap.failures < CRASH_LOOP_AFTER:
+            if cap.waiting >= cap.queue_limit:
+                return AcquireDecision.reject(errors.QUEUE_FULL, f"{cap.waiting} requests already held",
+                                              retry_after=1.0)
+            return AcquireDecision("wait", reason=f"held: a restart after {cap.failures} failure(s) is due in "
+                                   f"{cap.backoff_until - now:.3g} s", until=cap.backoff_until)
+        return AcquireDecision.reject(errors.INSTANCE_START_FAILED,
+                                      f"restarts are backing off after {cap.failures} failures in a row",
                                       retry_after=round(cap.backoff_until - now, 3))
     if cap.waiting >= cap.queue_limit:
         return AcquireDecision.reject(errors.QUEUE_FULL, f"{cap.waiting} requests already held",
                                       retry_after=1.0)
     return AcquireDecision("start", reason=reason)
+
+
+def hold_through_failure(failures: int) -> bool:
+    """A request waiting on a start that failed: hold it for the next try, or fail it (1003)?"""
+    return failures < CRASH_LOOP_AFTER
 
 
 def restart_backoff(failures: int, base: float = 1.0, cap: float = 60.0) -> float:
