@@ -153,9 +153,9 @@ def _teardown(engine: Engine) -> None:
         shutil.rmtree(engine.root, ignore_errors=True)
 
 
-def _yaml(name: str, image: str, replicas: int, selector: str = "") -> str:
+def _yaml(name: str, image: str, replicas: int, selector: str = "", command: str = HTTPD_COMMAND) -> str:
     text = (f"apiVersion: autodeploy/v1\nkind: Deployment\nmetadata: {{name: {name}}}\nspec:\n"
-            f"  model: {{id: busybox, version: v1}}\n  image: {image}\n  command: '{HTTPD_COMMAND}'\n"
+            f"  model: {{id: busybox, version: v1}}\n  image: {image}\n  command: '{command}'\n"
             f"  port: 8080\n  resources: {{cpu: 0.25, memoryGb: 0.125}}\n"
             f"  scaling: {{minReplicas: {replicas}, maxReplicas: {replicas}, idleTimeout: 30m}}\n"
             "  loadBalancer: {healthCheck: {path: /health, intervalSeconds: 10, timeoutSeconds: 2}}\n")
@@ -216,7 +216,8 @@ def test_two_engines_spread_fail_over_and_reconcile_when_the_second_returns(
         f"    - {{name: second, dockerHost: '{second_engine.url}', address: {SECOND_ADDRESS}, "
         "labels: {pool: second}, prices: {cpu: 0.50}}\n")
     files = {"spread.yaml": _yaml("i13spread", image, 4),
-             "pinned.yaml": _yaml("i13pinned", image, 1, selector="pool: second")}
+             "pinned.yaml": _yaml("i13pinned", image, 1, selector="pool: second",
+                                  command=f"echo serving from the second engine; {HTTPD_COMMAND}")}
     second = second_engine.client()
     try:
         s = serve(files, "--stack", "i13", "--project-dir", str(project))
@@ -283,6 +284,9 @@ def test_two_engines_spread_fail_over_and_reconcile_when_the_second_returns(
         assert [e for e in s.status("i13spread")["events"] if e["kind"] == "stale"]
         r = s.get("/d/i13pinned/health")
         assert (r.status_code, r.headers[TARGET]) == (200, pinned["id"])
+        logs = subprocess.run([str(Path(sys.executable).parent / "autodeploy"), "logs", "i13pinned", "--state-dir",
+                               str(s.state_dir)], capture_output=True, text=True, timeout=30)
+        assert logs.returncode == 0 and "serving from the second engine" in logs.stdout, logs.stderr
         assert json.loads(subprocess.run([str(Path(sys.executable).parent / "autodeploy"), "nodes", "--json",
                                           "--url", s.url], capture_output=True, text=True, timeout=30).stdout)[1][
             "reachable"] is True
