@@ -9,14 +9,26 @@ import sys
 import time
 from pathlib import Path
 
-from controller import cli_auth, cli_ops
+from controller import cli_auth, cli_ops, cli_view
+from controller.cli_ops import add_output
 from controller.errors import AutoDeployError
+from controller.humantime import ago
 
 DEFAULT_URL = os.environ.get("AUTODEPLOY_URL", "http://127.0.0.1:8080")
 
 
-def main(argv: list[str] | None = None) -> int:
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+    try:
+        return dist_version("autodeploy")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autodeploy", description="Serve GPU model services on demand.")
+    parser.add_argument("--version", action="version", version=f"autodeploy {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("validate", help="check Deployment YAML files or directories")
@@ -60,15 +72,16 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("status", help="deployments, their instances and cost")
     p.add_argument("name", nargs="?")
     cli_auth.add_client_args(p, DEFAULT_URL)
-    p.add_argument("--json", action="store_true", help="print the status API's JSON")
+    add_output(p, ("table", "json", "name"))
 
     p = sub.add_parser("gpus", help="the GPU inventory and where it came from")
     p.add_argument("--stack", default="dev")
     p.add_argument("--project-dir", type=Path, default=Path("."))
+    add_output(p)
 
     p = sub.add_parser("nodes", help="the Docker hosts: reachable or not, GPUs free and used, instances")
     cli_auth.add_client_args(p, DEFAULT_URL)
-    p.add_argument("--json", action="store_true", help="print the status API's `nodes` JSON")
+    add_output(p)
 
     p = sub.add_parser("gateway-static", help="the gateway alone, routing to fixed instances (Pulumi's gateway container)")
     p.add_argument("--bind", default=os.environ.get("AUTODEPLOY_GATEWAY_BIND", "0.0.0.0:8080"),
@@ -87,10 +100,14 @@ def main(argv: list[str] | None = None) -> int:
 
     cli_ops.add_parsers(sub, DEFAULT_URL)  # scale, stop, start, delete, rollback, rollout, history, diff
     cli_auth.add_parsers(sub, DEFAULT_URL)  # token, key
+    cli_view.add_parsers(sub, DEFAULT_URL)  # describe, events, top, wait, completion
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        return int({**COMMANDS, **cli_ops.COMMANDS, **cli_auth.COMMANDS}[args.command](args) or 0)
+        return int({**COMMANDS, **cli_ops.COMMANDS, **cli_auth.COMMANDS, **cli_view.COMMANDS}[args.command](args) or 0)
     except AutoDeployError as exc:
         print(f"error {exc.error.code}: {exc.message}", file=sys.stderr)
         return 1
@@ -129,44 +146,65 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def _ago(ts: float | None) -> str:
-    if not ts:
-        return "-"
-    secs = time.time() - ts
-    return f"{secs:.0f}s ago" if secs < 120 else f"{secs / 60:.0f}m ago"
+    return ago(ts, time.time())
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     base = args.url.rstrip("/")
     if args.name:
         dep = _get(args, f"/api/deployments/{args.name}")
-        if args.json:
+        if args.output == "json":
             print(json.dumps(dep, indent=2))
             return 0
-        print(f"{dep['name']}  {dep['status']}  ({dep['state']})  endpoint {base}{dep['endpoint']}")
+        if args.output == "name":
+            print(dep["name"])
+            return 0
+        print(f"{dep['name']}  {cli_view.status_line(dep)}  ({dep['state']})  endpoint {base}{dep['endpoint']}")
         print(f"  model {dep['model']['id']}@{dep['model']['version']}  revision {dep['revision']['number']}"
               f"  replicas {dep['replicas']['ready']}/{dep['replicas']['current']} (min {dep['replicas']['min']},"
               f" max {dep['replicas']['max']})  cost ${dep['cost']['total']:.4f}"
               f" ({dep['cost']['instance_seconds']:.0f} instance-s at ${dep['cost']['price_per_hour']}/h)")
+        m = dep["metrics"]
+        lat = m.get("latency_ms") or {}
+        print(f"  last {m['window_s']:g}s: {m['requests_per_s']:g} req/s, errors {100 * m['error_rate']:.1f}%,"
+              f" latency p50 {cli_view.ms(lat.get('p50'))}  p95 {cli_view.ms(lat.get('p95'))}"
+              f"  p99 {cli_view.ms(lat.get('p99'))}")
         if dep["instances"]:
-            rows = [["INSTANCE", "STATE", "PID", "PORT", "STARTED", "LAST REQUEST", "SERVED", "IN FLIGHT"]]
+            rows = [["INSTANCE", "STATE", "PID", "PORT", "STARTED", "LAST REQUEST", "SERVED", "IN FLIGHT", "P50",
+                     "P95", "P99"]]
             rows += [[i["id"], i["state"], str(i["pid"] or "-"), str(i["port"] or "-"), _ago(i["started"]),
                       _ago(i["last_request"]), str(i["requests_served"]), str(i["in_flight"])]
+                     + [cli_view.ms(((i.get("metrics") or {}).get("latency_ms") or {}).get(q))
+                        for q in ("p50", "p95", "p99")]
                      for i in dep["instances"]]
             print(_table(rows))
+        firing = [a for a in dep.get("alerts", []) if a["state"] == "firing"]
+        for a in firing:
+            print(f"  alert firing: {cli_view.alert_text(a, time.time())}")
         for err in dep.get("spec_errors", []):
             print(f"  spec error (last good revision keeps serving): {err}")
         if dep.get("last_error"):
             print(f"  last error: {dep['last_error']}")
         return 0
     data = _get(args, "/api/deployments")
-    if args.json:
+    if args.output == "json":
         print(json.dumps(data, indent=2))
         return 0
-    rows = [["NAME", "STATUS", "STATE", "INSTANCES", "MODEL", "ENDPOINT", "COST"]]
+    if args.output == "name":
+        for d in data["deployments"]:
+            print(d["name"])
+        return 0
+    rows = [["NAME", "STATUS", "STATE", "INSTANCES", "MODEL", "ENDPOINT", "P95", "ALERTS", "COST"]]
     rows += [[d["name"], d["status"], d["state"], f"{d['replicas']['ready']}/{d['replicas']['current']}",
-              f"{d['model']['id']}@{d['model']['version']}", f"{base}{d['endpoint']}", f"${d['cost']['total']:.4f}"]
+              f"{d['model']['id']}@{d['model']['version']}", f"{base}{d['endpoint']}",
+              cli_view.ms((d["metrics"].get("latency_ms") or {}).get("p95")),
+              str(sum(a["state"] == "firing" for a in d.get("alerts", []))) + " firing" if d.get("alerts") else "-",
+              f"${d['cost']['total']:.4f}"]
              for d in data["deployments"]]
     print(_table(rows))
+    for d in data["deployments"]:
+        if d["status"] == "Failing" and d.get("last_error"):
+            print(f"{d['name']} is failing: {cli_view.first_line(d['last_error'])}")
     for err in data.get("errors", []):
         print(f"spec error: {err}")
     _print_source(data.get("source"))
@@ -194,16 +232,21 @@ def _print_source(src: dict | None) -> None:
 
 
 def cmd_gpus(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
     from controller.gpus import discover_inventory, format_inventory
     from controller.stack import load_stack
-    print(format_inventory(discover_inventory(load_stack(args.project_dir.resolve(), args.stack))))
+    inventory = discover_inventory(load_stack(args.project_dir.resolve(), args.stack))
+    if args.output == "json":
+        print(json.dumps(asdict(inventory), indent=2, default=str))
+        return 0
+    print(format_inventory(inventory))
     return 0
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:
     data = _get(args, "/api/deployments")
     nodes = data.get("nodes") or []
-    if args.json:
+    if args.output == "json":
         print(json.dumps(nodes, indent=2))
         return 0
     if not nodes:

@@ -10,6 +10,13 @@ from typing import Any
 
 from controller import cli_auth, errors
 from controller.errors import AutoDeployError
+from controller.humantime import ago
+
+
+def add_output(p: argparse.ArgumentParser, choices: tuple[str, ...] = ("table", "json")) -> None:
+    """`--output json` on every read command (`--json` is the same)."""
+    p.add_argument("--output", "-o", choices=choices, default="table", help=f"{' or '.join(choices)} (default table)")
+    p.add_argument("--json", action="store_const", const="json", dest="output", help="same as --output json")
 
 
 def add_parsers(sub: Any, default_url: str) -> None:
@@ -38,15 +45,15 @@ def add_parsers(sub: Any, default_url: str) -> None:
     rsub = p.add_subparsers(dest="rollout_command", required=True)
     p = url(rsub.add_parser("status", help="phase, step, traffic weights and reason of the latest rollout"))
     p.add_argument("name")
-    p.add_argument("--json", action="store_true")
+    add_output(p)
 
     p = url(sub.add_parser("history", help="numbered revisions: when, from which file, what changed"))
     p.add_argument("name")
-    p.add_argument("--json", action="store_true")
+    add_output(p)
 
     p = url(sub.add_parser("diff", help="runtime drift from the files (scale, stop, rollback, delete)"))
     p.add_argument("name", nargs="?")
-    p.add_argument("--json", action="store_true")
+    add_output(p)
 
 
 def _call(args: argparse.Namespace, method: str, path: str, body: dict | None = None) -> dict:
@@ -95,19 +102,12 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def _ago(ts: float | None) -> str:
-    if not ts:
-        return "-"
-    secs = time.time() - ts
-    if secs < 120:
-        return f"{secs:.0f}s ago"
-    if secs < 7200:
-        return f"{secs / 60:.0f}m ago"
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+    return ago(ts, time.time())
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
     data = _call(args, "GET", _api(args, args.name, "rollout"))
-    if args.json:
+    if args.output == "json":
         print(json.dumps(data, indent=2))
         return 0
     ro = data["rollout"]
@@ -143,7 +143,7 @@ def _table(rows: list[list[str]]) -> str:
 
 def cmd_history(args: argparse.Namespace) -> int:
     data = _call(args, "GET", _api(args, args.name, "history"))
-    if args.json:
+    if args.output == "json":
         print(json.dumps(data, indent=2))
         return 0
     git = any(r.get("commit") for r in data["revisions"])
@@ -181,7 +181,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
                   if "changes" in d]
     else:
         drifts = _call(args, "GET", "/api/drift")["drift"]
-    if args.json:
+    if args.output == "json":
         print(json.dumps(drifts, indent=2))
         return 0
     live = _live_commit(args)

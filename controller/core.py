@@ -18,9 +18,11 @@ import yaml
 
 from controller import errors
 from controller.drivers.base import Driver, Instance
+from controller.alerting import Alerting
 from controller.autoscaler import Autoscaler
+from controller.coldstart import ColdStarts
 from controller.errors import AutoDeployError
-from controller.health import is_ready, listener_problem
+from controller.health import is_ready, listener_problem, port_accepts
 from controller.ids import new_instance_id
 from controller.loader import LoadResult, SpecError, load_text
 from controller.node_watch import NodeWatch, place_instance
@@ -29,6 +31,7 @@ from controller.policy.autoscale import idle_instances
 from controller.policy.capacity import Capacity, decide_acquire, readiness_poll_interval, restart_backoff
 from controller.policy.edits import rename_message
 from controller.policy.placement import NoPlacement, place
+from controller.policy.status import status_word
 from controller.rollouts import RolloutDriver
 from controller.spec import Deployment
 from controller.store import Commit, Store
@@ -121,6 +124,8 @@ class Controller:
         self.autoscaler = Autoscaler()
         self.source: Any = None  # controller.sources.SourceWatcher, set by serve: status and git sync
         self.node_watch = NodeWatch()  # several Docker hosts: lost and returning nodes
+        self.coldstarts = ColdStarts()  # the phases of every instance start (controller.coldstart)
+        self.alerts = Alerting(self)  # spec.alerts, evaluated in tick
 
     # ------------------------------------------------------------------ desired state
     def apply(self, result: LoadResult, commit: Commit | None = None) -> None:
@@ -173,15 +178,16 @@ class Controller:
     def acquire(self, name: str, rule: str | None, timeout: float) -> dict:
         """Block until an instance fits the request; returns its address or raises a coded error."""
         deadline = time.monotonic() + timeout
+        arrived = self.clock()
         with self._cv:
             rt = self._runtime(name)
             rt.waiting += 1
             try:
-                return self._acquire_locked(rt, rule, deadline)
+                return self._acquire_locked(rt, rule, deadline, arrived)
             finally:
                 rt.waiting -= 1
 
-    def _acquire_locked(self, rt: DepRuntime, rule: str | None, deadline: float) -> dict:
+    def _acquire_locked(self, rt: DepRuntime, rule: str | None, deadline: float, arrived: float) -> dict:
         while True:
             if self._closing:
                 raise AutoDeployError(errors.SHUTTING_DOWN)
@@ -195,7 +201,7 @@ class Controller:
                     detail = f"{decision.reason}; last failure: {rt.last_error}"
                 raise AutoDeployError(decision.error, detail, decision.retry_after)
             if decision.action == "start":
-                rec = self._start(rt, decision.reason)
+                rec = self._start(rt, decision.reason, queued_since=arrived)
             elif decision.action == "revive":
                 rec = rt.instances[decision.instance or ""]
                 rec.phase, rec.last_activity = "ready", self.clock()
@@ -282,7 +288,7 @@ class Controller:
         return self._snapshot
 
     # ------------------------------------------------------------------ instance lifecycle
-    def _start(self, rt: DepRuntime, reason: str) -> Rec:
+    def _start(self, rt: DepRuntime, reason: str, queued_since: float | None = None) -> Rec:
         now = self.clock()
         taken = {i for d in self.deps.values() for i in d.instances}
         rec = Rec(id=new_instance_id(taken), deployment=rt.spec.name, revision=rt.spec.revision,
@@ -296,6 +302,8 @@ class Controller:
                 self._event(rt.spec.name, "unplaceable", placed.reason)
                 raise AutoDeployError(errors.NO_FREE_GPU, placed.reason, retry_after=10.0)
             rec.gpu_ids = list(placed.gpu_ids)
+        self.coldstarts.begin(rec.id, rt.spec.name, reason, queued_since, now)
+        self.coldstarts.mark(rec.id, "placement", self.clock())
         rt.instances[rec.id] = rec
         self._event(rt.spec.name, "start", f"{reason}" + (f"; GPUs {','.join(rec.gpu_ids)}" if rec.gpu_ids else "")
                     + (f"; node {rec.node}" if rec.node else ""), rec.id)
@@ -324,6 +332,7 @@ class Controller:
             log.exception("driver failed to start %s", rec.id)
             self._fail(rec, AutoDeployError(errors.DRIVER_FAILED, f"{type(exc).__name__}: {exc}"))
             return
+        self.coldstarts.mark(rec.id, "create", self.clock())
         with self._cv:
             rec.inst = inst
             self.store.put_instance(inst, self.driver.name, "starting", self._price(spec, inst.node))
@@ -332,6 +341,7 @@ class Controller:
         health = spec.load_balancer.health_check
         path = health.path if health else None
         begin = time.monotonic()
+        port_open = path is None  # with a health path, "port open" and "health answers" are two phases
         while True:
             if rec.phase != "starting":
                 return  # cancelled (shutdown or removal) while starting
@@ -342,6 +352,9 @@ class Controller:
                     f"instance {rec.id} exited with code {gone.code} before it was ready; last log lines:\n"
                     f"{gone.log_tail}"))
                 return
+            if not port_open and port_accepts(inst.host, inst.port, 0.2):
+                port_open = True
+                self.coldstarts.mark(rec.id, "port", self.clock())
             if is_ready(inst.host, inst.port, path, timeout=max(0.5, health.timeout_s if health else 1.0),
                         tcp_is_enough=self.driver.tcp_accept_means_ready):
                 problem = listener_problem(self.driver, inst)
@@ -363,6 +376,7 @@ class Controller:
                 return
             now = self.clock()
             rec.phase, rec.ready_at, rec.last_activity = "ready", now, now
+            self.coldstarts.ready(rec.id, now)
             rt = self.deps.get(rec.deployment)
             if rt is not None:
                 rt.failures, rt.last_error = 0, None
@@ -376,6 +390,7 @@ class Controller:
                 return  # stopped on purpose while starting: not a failure
             rec.phase, rec.error = "failed", exc
             now = self.clock()
+            self.coldstarts.failed(rec.id, now)
             rt = self.deps.get(rec.deployment)
             if rt is not None:
                 rt.failures += 1
@@ -452,7 +467,10 @@ class Controller:
             for name in list(self.deps):
                 self._reconcile(self.deps[name], inflight, now)
             self.autoscaler.step(self, inflight, now)
+            self.alerts.step(now)
+            self.coldstarts.expire(now)
             self.traffic.forget({i for rt in self.deps.values() for i in rt.instances}, set(self.deps))
+            self.coldstarts.forget({i for rt in self.deps.values() for i in rt.instances}, set(self.deps))
 
     def _reconcile(self, rt: DepRuntime, inflight: dict[str, int], now: float) -> None:
         rolling = self.rollouts.drive(rt, now)  # a rollout in progress owns the instance count
@@ -600,12 +618,7 @@ class Controller:
         price = self._price(spec)
         running_s = sum(now - (r.inst.started_at if r.inst else r.created) for r in recs)
         booked_s, booked_cost = booked.get(spec.name, (0.0, 0.0))
-        if any(r.phase == "ready" for r in recs):
-            status = "Running"
-        elif recs:
-            status = "Idle"
-        else:
-            status = "Standby"
+        status = status_word(spec.state, sum(r.phase == "ready" for r in recs), len(recs), rt.failures)
         file_errors = [str(e) for e in self.spec_errors if e.file == spec.source_file]
         out: dict[str, Any] = {
             "name": spec.name, "description": spec.description, "environment": spec.environment,
@@ -630,8 +643,16 @@ class Controller:
             "metrics": self.traffic.deployment_metrics(spec.name, [r.id for r in recs],
                                                        sum(inflight.get(r.id, 0) for r in recs), now),
             "autoscaling": self.autoscaler.status(spec.name, spec.scaling.autoscaling.enabled, now),
+            "failures": rt.failures,
+            "health_check": None if spec.load_balancer.health_check is None else {
+                "path": spec.load_balancer.health_check.path,
+                "interval_s": spec.load_balancer.health_check.interval_s},
+            "rollout_strategy": spec.rollout.strategy,
+            "alerts": self.alerts.status(rt, now),
         }
         if events:
+            out["cold_starts"] = self.coldstarts.recent_of(spec.name, now)
+            out["history"] = self.traffic.history(spec.name, now)
             out["events"] = [{"at": e.at, "instance": e.instance, "kind": e.kind, "message": e.message}
                              for e in self.store.events(spec.name, limit=30)]
         return out
@@ -645,6 +666,7 @@ class Controller:
                 "last_request": rec.last_activity if rec.served else None,
                 "requests_served": rec.served, "errors": rec.errors, "in_flight": inflight.get(rec.id, 0),
                 "healthy": not rec.unhealthy, "health_failures": rec.health_failures,
+                "start": self.coldstarts.of(rec.id, self.clock()),
                 "metrics": self.traffic.instance_metrics(rec.id, inflight.get(rec.id, 0), self.clock())}
 
     # ------------------------------------------------------------------ shutdown
@@ -662,6 +684,27 @@ class Controller:
             self._spawn(self._do_stop, rec)
         for t in list(self._threads):
             t.join(timeout=self.stop_timeout + 5)
+        self.alerts.close()
+
+    def first_byte(self, instance_id: str, at: float) -> bool:
+        """The gateway got the first response byte for a request that waited on this instance's start."""
+        return self.coldstarts.first_byte(instance_id, at)
+
+    def log_tail(self, name: str, instance_id: str, lines: int) -> dict:
+        """The last lines of one instance's output (the dashboard's log tail)."""
+        with self._cv:
+            rec = self._runtime(name).instances.get(instance_id)
+        if rec is None or rec.inst is None:
+            raise AutoDeployError(errors.INSTANCE_NOT_FOUND, f"{name} has no running instance {instance_id!r}")
+        return {"instance": instance_id, "lines": lines, "text": self.driver.log_tail(rec.inst, lines)}
+
+    def events_after(self, after: int, name: str | None, limit: int) -> list[dict]:
+        """Events with an id above `after` (oldest first), or the latest `limit` when `after` < 0."""
+        if name is not None:
+            self._runtime(name)
+        return [{"id": e.id, "at": e.at, "deployment": e.deployment, "instance": e.instance, "kind": e.kind,
+                 "message": e.message}
+                for e in (self.store.events(name, limit) if after < 0 else self.store.events_after(after, name, limit))]
 
     # ------------------------------------------------------------------ helpers
     def _runtime(self, name: str) -> DepRuntime:

@@ -113,6 +113,15 @@ DATA_PLANE_UNAVAILABLE = ErrorCode(1084, 503, "data plane unavailable",
                                    "Install haproxy >= 2.6 (`apt-get install haproxy`) or use --data-plane python.")
 DATA_PLANE_COMMAND_FAILED = ErrorCode(1085, 502, "data plane command failed",
                                       "Read the message (HAProxy's Runtime API answer); `serve -v` logs each command.")
+# Issue 14: the dashboard, its login and instance views.
+INSTANCE_NOT_FOUND = ErrorCode(1050, 404, "instance not found",
+                               "Pick an instance id listed by `autodeploy status NAME`; it may have been released.")
+LOGIN_REQUIRED = ErrorCode(1051, 401, "login required",
+                           "Open /ui/login?token=YOUR_TOKEN once; the browser keeps a session cookie.")
+OPERATOR_REQUIRED = ErrorCode(1052, 403, "operator role required",
+                              "Log in with an operator token to scale, stop, start or roll back.")
+CSRF_FAILED = ErrorCode(1053, 403, "CSRF token missing or wrong",
+                        "Reload the dashboard page and press the button again.")
 
 ALL: tuple[ErrorCode, ...] = tuple(v for v in list(globals().values()) if isinstance(v, ErrorCode))
 BY_CODE: dict[int, ErrorCode] = {e.code: e for e in ALL}

@@ -89,6 +89,16 @@ class IpcServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         if op == "unreachable":
             c.report_unreachable(req["instance"])
             return {}
+        if op == "first_byte":
+            return {"recorded": c.first_byte(str(req["instance"]), float(req["at"]))}
+        if op == "events":
+            name = req.get("name")
+            return {"events": c.events_after(int(req.get("after", -1)), None if name is None else str(name),
+                                             max(1, min(1000, int(req.get("limit", 200)))))}
+        if op == "logs":
+            return {"logs": c.log_tail(str(req["name"]), str(req["instance"]), max(1, min(2000, int(req.get("lines", 100)))))}
+        if op == "coldstarts":
+            return {"coldstarts": c.coldstarts.histograms()}
         if op == "action":
             return {"result": c.action(req["name"], req["action"], req.get("args", {}))}
         if op == "source":  # where desired state comes from (controller.sources); sync: poll git now

@@ -21,7 +21,7 @@ from jsonschema import Draft202012Validator, ValidationError
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from controller.spec import (Autoscaling, Deployment, GpuSpec, HealthCheck, LoadBalancer,
+from controller.spec import (AlertRule, Autoscaling, Deployment, GpuSpec, HealthCheck, LoadBalancer,
                              Resources, Rollout, Scaling)
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "deployment.schema.json"
@@ -543,6 +543,8 @@ class _Translator:
                    f"starting and ending with a letter or digit, e.g. '{_name_suggestion(value)}'")
         elif pointer == ("spec", "command"):
             msg = "spec.command is blank; write the start command, e.g. `python api.py`"
+        elif pointer[-1:] == ("webhook",):
+            msg = f"{where} must be an http:// or https:// URL, e.g. http://alerts.example:9000/hook; found '{value}'"
         elif pointer[-1:] == ("path",):
             msg = f"{where} must start with '/', e.g. /health; found '{value}'"
         else:
@@ -664,6 +666,14 @@ def _semantic_errors(doc: _Doc, filename: str, require_image: bool) -> list[Spec
             "spec.rollout.maxSurge and maxUnavailable are both 0, so a rolling update could never replace "
             "an instance; allow at least one, e.g. maxSurge: 1")
 
+    alerts = doc.get(_SPEC + ("alerts",), None)
+    if isinstance(alerts, list):
+        for i, rule in enumerate(alerts):
+            if isinstance(rule, dict) and rule.get("metric") == "errorRate" and _num(rule.get("above")) is not None \
+                    and rule["above"] > 100:
+                add(_SPEC + ("alerts", i, "above"), f"spec.alerts[{i}].above is {rule['above']:g} but errorRate is a "
+                    "percentage (0-100); e.g. above: 5 fires above 5 % failed requests")
+
     if require_image and doc.get(_SPEC + ("image",), None) is None:
         add(written(_SPEC + ("image",), _SPEC),
             "spec.image is required by the docker and pulumi drivers; add `image: NAME:TAG` "
@@ -749,6 +759,9 @@ def _to_deployment(doc: _Doc, filename: str) -> Deployment:
         ),
         state=spec.get("state", "running"),
         node_selector=dict(spec.get("placement", {}).get("nodeSelector", {})),
+        alerts=tuple(AlertRule(metric=a["metric"], above=float(a["above"]), for_s=parse_duration(a.get("for", "1m")),
+                               webhook=(a.get("notify") or {}).get("webhook"), line=doc.line_of(("spec", "alerts", i)))
+                     for i, a in enumerate(spec.get("alerts", []))),
         start_timeout_s=parse_duration(sc.get("startTimeout", "300s")),
         request_timeout_s=parse_duration(spec.get("requestTimeout", "300s")),
         source_file=filename,

@@ -6,6 +6,7 @@ import ctypes
 import ipaddress
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -35,6 +36,7 @@ from controller import statedir
 from controller.statedir import StateDirBusy, StateDirLock
 from controller.store import Store
 from controller.usage import UsageSampler
+from gateway.ui.session import EnvTokens
 
 log = logging.getLogger("autodeploy.serve")
 
@@ -159,6 +161,10 @@ class Server:
         self.inflight_path = str(opts.state_dir / "inflight.bin")
         self.prometheus_dir = opts.state_dir / "prometheus"
         self.trusted_proxies = _networks(opts.trusted_proxies or tuple(self.stack.trusted_proxies))
+        try:
+            EnvTokens.from_env()  # a bad AUTODEPLOY_UI_TOKENS stops here with what to fix, not in every worker
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
         self.health = HealthChecker(self.controller)
         self.nvml = NvmlGpuSource() if self.inventory.source == "nvml" else None
         self.usage = UsageSampler(self.controller, self.nvml)
@@ -323,7 +329,8 @@ class Server:
                    AUTODEPLOY_AUTH="off" if o.insecure_no_auth else "on",
                    AUTODEPLOY_GATEWAY_HOSTS=HostPolicy.for_bind(self.host, self.port,
                                                                 tuple(self.stack.gateway_hosts)).to_env(),
-                   PROMETHEUS_MULTIPROC_DIR=str(self.prometheus_dir))
+                   PROMETHEUS_MULTIPROC_DIR=str(self.prometheus_dir),
+                   AUTODEPLOY_UI_SECRET=secrets.token_hex(32))  # dashboard sessions, shared by the workers
         if self.data_plane_name == "haproxy":  # the client address comes from HAProxy (gateway/wsgi.py)
             from gateway.haproxy_config import PEER_HEADER
             env["AUTODEPLOY_PEER_HEADER"] = PEER_HEADER

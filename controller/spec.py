@@ -74,6 +74,20 @@ class Rollout:
 
 
 @dataclass(frozen=True)
+class AlertRule:
+    """spec.alerts[i]: fires when `metric` stays above `above` for `for_s` seconds."""
+    metric: str  # errorRate (%) | p95LatencyMs | restarts (per 10 min) | coldStartMs
+    above: float
+    for_s: float = 60.0
+    webhook: str | None = None
+    line: int = 0  # where the rule is written, for events and the dashboard
+
+    @property
+    def label(self) -> str:
+        return f"{self.metric} > {self.above:g}"
+
+
+@dataclass(frozen=True)
 class Deployment:
     name: str
     model_id: str
@@ -93,6 +107,7 @@ class Deployment:
     load_balancer: LoadBalancer = field(default_factory=LoadBalancer)
     rollout: Rollout = field(default_factory=Rollout)
     state: str = "running"  # running | stopped
+    alerts: tuple[AlertRule, ...] = ()
     start_timeout_s: float = 300.0
     request_timeout_s: float = 300.0  # spec.requestTimeout: time to the response headers
     # spec.placement.nodeSelector: labels the instance's node must carry (several nodes).

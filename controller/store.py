@@ -228,6 +228,21 @@ class Store:
             rows = self._query("SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,))
         return [Event(*r) for r in reversed(rows)]
 
+    def count_events(self, deployment: str, kinds: tuple[str, ...], since: float) -> int:
+        marks = ",".join("?" * len(kinds))
+        rows = self._query(f"SELECT COUNT(*) FROM events WHERE deployment=? AND kind IN ({marks}) AND at >= ?",
+                           (deployment, *kinds, since))
+        return int(rows[0][0])
+
+    def events_after(self, after_id: int, deployment: str | None = None, limit: int = 200) -> list[Event]:
+        """Events with an id above `after_id`, oldest first (`autodeploy events -f` pages with it)."""
+        if deployment:
+            rows = self._query("SELECT * FROM events WHERE deployment=? AND id>? ORDER BY id LIMIT ?",
+                               (deployment, after_id, limit))
+        else:
+            rows = self._query("SELECT * FROM events WHERE id>? ORDER BY id LIMIT ?", (after_id, limit))
+        return [Event(*r) for r in rows]
+
     # cost ------------------------------------------------------------------
     def booked_cost(self) -> dict[str, tuple[float, float]]:
         """deployment -> (instance-seconds, cost) of instances that have stopped."""

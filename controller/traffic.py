@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from controller.history import MinuteSeries
 from controller.latency import SlidingWindow
 
 WINDOW_S = 60.0
@@ -43,6 +44,7 @@ class Traffic:
         # takes differences ("requests since my last sample").
         self.requests_total: dict[str, int] = {}
         self.usage: dict[str, Usage] = {}
+        self.minutes: dict[str, MinuteSeries] = {}  # an hour of per-minute samples, for the dashboard
 
     def observe(self, now: float, report: Mapping[str, Mapping[str, Any]]) -> None:
         """One worker's report: instance id -> {"d": deployment, "n": count, "e": errors, "h": histogram}."""
@@ -55,6 +57,7 @@ class Traffic:
             if dep:
                 self.by_deployment.setdefault(dep, SlidingWindow(self.window_s, now)).add(now, n, e, hist)
                 self.requests_total[dep] = self.requests_total.get(dep, 0) + n
+                self.minutes.setdefault(dep, MinuteSeries()).add(now, n, e, hist)
 
     def set_usage(self, instance_id: str, usage: Usage) -> None:
         self.usage[instance_id] = usage
@@ -67,6 +70,7 @@ class Traffic:
         for dep in [d for d in self.by_deployment if d not in live_deployments]:
             del self.by_deployment[dep]
             self.requests_total.pop(dep, None)
+            self.minutes.pop(dep, None)
 
     def _window(self, w: SlidingWindow | None, now: float) -> dict[str, Any]:
         if w is None:
@@ -75,6 +79,10 @@ class Traffic:
         v = w.view(now)
         return {"window_s": self.window_s, "requests": v.count, "requests_per_s": round(v.rate, 3),
                 "errors": v.errors, "error_rate": round(v.error_rate, 4), "latency_ms": v.quantiles_ms()}
+
+    def history(self, name: str, now: float) -> list[dict[str, Any]]:
+        series = self.minutes.get(name)
+        return (series or MinuteSeries()).samples(now)
 
     def instance_metrics(self, instance_id: str, in_flight: int, now: float) -> dict[str, Any]:
         out = self._window(self.by_instance.get(instance_id), now)

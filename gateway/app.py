@@ -23,9 +23,10 @@ from gateway.guard import ApiGuard
 from gateway.inflight import SharedInflight
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.outliers import CONNECT_FAILED, RESET, retry_allowed
-from gateway.routing import Lease, Router
+from gateway.routing import Lease, Router, Target
 from gateway.upstream import (SMALL_BODY, UpstreamBadRequest, UpstreamBadResponse, UpstreamConnectError, UpstreamPool,
                               UpstreamProtocolError, UpstreamResponse, UpstreamTimeout)
+from gateway.ui import register as register_ui
 
 log = logging.getLogger("autodeploy.gateway")
 
@@ -155,8 +156,11 @@ class Proxy:
         while True:
             target = lease.target
             try:
-                return self.pool.request(target.host, target.port, request.method, url, headers, body, length,
-                                         timeout=timeout), lease
+                upstream = self.pool.request(target.host, target.port, request.method, url, headers, body, length,
+                                             timeout=timeout)
+                if target.cold:
+                    self._first_byte(target)
+                return upstream, lease
             except UpstreamBadRequest as exc:
                 lease.done(ok=True)  # nothing was sent: no fault of the instance
                 raise AutoDeployError(errors.BAD_REQUEST, str(exc)) from None
@@ -189,6 +193,13 @@ class Proxy:
             lease = self.router.lease(name, rule if rule in (RANDOM, ROUND_ROBIN) else None, key,
                                       avoid=frozenset(tried), started=lease.started)
             tried.add(lease.target.id)
+
+    def _first_byte(self, target: Target) -> None:
+        """Cold-start explain: the response to a request that waited on a start has begun."""
+        try:
+            self.router.ipc.call("first_byte", instance=target.id, at=time.time())
+        except AutoDeployError as exc:  # the static gateway has no starts to explain
+            log.debug("first byte of %s not recorded: %s", target.id, exc)
 
     def _upstream_headers(self) -> list[tuple[str, str]]:
         drop = _hop_by_hop(request.headers) | {"host", ROUTE_RULE.lower(), "content-length",
@@ -279,7 +290,8 @@ def create_app(ipc_path: str | None = None, counters_path: str | None = None, co
 
     @app.get("/metrics")
     def prometheus() -> Response:
-        return Response(metrics.render(lambda: ipc.call("status")["status"]), content_type=CONTENT_TYPE)
+        return Response(metrics.render(lambda: ipc.call("status")["status"],
+                                       lambda: ipc.call("coldstarts")["coldstarts"]), content_type=CONTENT_TYPE)
 
     @app.route("/d/<name>", methods=METHODS, strict_slashes=False)
     @app.route("/d/<name>/<anypath:path>", methods=METHODS)
@@ -302,6 +314,15 @@ def create_app(ipc_path: str | None = None, counters_path: str | None = None, co
     @app.get("/api/deployments/<name>/<action>")  # history, rollout, drift (controller.operations)
     def view(name: str, action: str) -> Response:
         return _json(ipc.call("action", name=name, action=action, args={"read_only": True})["result"])
+
+    @app.get("/api/events")
+    def events() -> Response:
+        try:
+            after, limit = int(request.args.get("after", -1)), int(request.args.get("limit", 200))
+        except ValueError:
+            raise AutoDeployError(errors.BAD_REQUEST, "after and limit must be whole numbers") from None
+        return _json(ipc.call("events", name=request.args.get("deployment") or None, after=after,
+                              limit=limit)["events"])
 
     @app.get("/api/drift")
     def drift() -> Response:
@@ -348,6 +369,8 @@ def create_app(ipc_path: str | None = None, counters_path: str | None = None, co
     @app.get("/healthz")
     def healthz() -> Response:
         return _json({"ok": True, "synced": router.wait_synced(0)})
+
+    register_ui(app, ipc)  # the dashboard at /ui/ (gateway/ui)
 
     @app.errorhandler(404)
     def _not_found(_exc: Exception) -> Response:

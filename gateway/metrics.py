@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
@@ -95,7 +95,7 @@ class GatewayMetrics:
     def gateway_error(self, deployment: str, code: int) -> None:
         self._child(self._gateway_errors, deployment, str(code)).inc()
 
-    def render(self, status: Callable[[], dict]) -> bytes:
+    def render(self, status: Callable[[], dict], coldstarts: Callable[[], dict] | None = None) -> bytes:
         """The text exposition: every worker's counters plus the controller's view."""
         if self.multiprocess:
             from prometheus_client import multiprocess
@@ -104,7 +104,7 @@ class GatewayMetrics:
         else:
             registry = CollectorRegistry()
             registry.register(_Forward(self.registry))
-        registry.register(ControllerCollector(status))
+        registry.register(ControllerCollector(status, coldstarts))
         return generate_latest(registry)
 
 
@@ -123,8 +123,9 @@ def _gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
 class ControllerCollector(Collector):
     """Gauges from the controller's status API, read once per scrape."""
 
-    def __init__(self, status: Callable[[], dict]) -> None:
+    def __init__(self, status: Callable[[], dict], coldstarts: Callable[[], dict] | None = None) -> None:
         self.status = status
+        self.coldstarts = coldstarts
 
     def collect(self) -> Iterator[Metric]:
         up = _gauge("autodeploy_controller_up", "1 when the controller answered this scrape.", [])
@@ -185,6 +186,25 @@ class ControllerCollector(Collector):
                 if "healthy" in inst:
                     fams["healthy"].add_metric(labels, 1 if inst["healthy"] else 0)
         yield from fams.values()
+        if self.coldstarts is not None:
+            yield from self._coldstarts()
+
+    def _coldstarts(self) -> Iterator[Metric]:
+        """autodeploy_cold_start_phase_seconds{deployment, phase}: queue, placement, create, port,
+        health, first_byte and total of every instance start (controller/coldstart.py)."""
+        try:
+            data = self.coldstarts() if self.coldstarts is not None else {}
+        except Exception as exc:  # noqa: BLE001 - the rest of the scrape stands; logged
+            log.warning("/metrics: cold-start histograms unavailable: %s", exc)
+            return
+        fam = HistogramMetricFamily("autodeploy_cold_start_phase_seconds",
+                                    "Time of each phase of an instance start (total: request to first byte).",
+                                    labels=["deployment", "phase"])
+        bounds = [f"{b:g}" for b in data.get("buckets", [])] + ["+Inf"]
+        for series in data.get("series", []):
+            fam.add_metric([series["deployment"], series["phase"]], list(zip(bounds, series["cumulative"])),
+                           series["sum"])
+        yield fam
 
 
 def _window(fams: dict[str, GaugeMetricFamily], prefix: str, labels: list[str], m: dict) -> None:

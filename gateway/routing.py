@@ -11,7 +11,7 @@ import os
 import random
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from controller import errors
 from controller.errors import AutoDeployError
@@ -39,6 +39,7 @@ class Target:
     revision: int | str
     slot: int = -1  # column in the shared in-flight counters
     deployment: str = ""
+    cold: bool = False  # handed out by the controller (a start may have waited for this request)
 
 
 def _target(a: dict) -> Target:
@@ -192,7 +193,7 @@ class Router:
                 self._count_in(target)
                 return target
         reply = self.ipc.call("acquire", deployment=name, rule=rule, timeout=self.acquire_timeout)
-        target = _target(reply["instance"])
+        target = replace(_target(reply["instance"]), cold=True)
         with self._lock:
             self._count_in(target)
         return target

@@ -40,6 +40,7 @@ _RULES: tuple[tuple[str, str], ...] = (
     ("spec.loadBalancer", IN_PLACE),
     ("spec.rollout", IN_PLACE),
     ("spec.state", IN_PLACE),
+    ("spec.alerts", IN_PLACE),
     ("apiVersion", IN_PLACE),
     ("kind", IN_PLACE),
 )

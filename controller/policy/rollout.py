@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Union
 
+from controller.humantime import duration
 from controller.spec import Rollout
 
 STRATEGIES = ("rolling", "blue-green", "canary")
@@ -265,8 +266,9 @@ def _blue_green(spec: RolloutSpec, obs: Observed, state: RolloutState, now: floa
         if kept >= spec.keep_old_s:
             return _succeed(state, obs, f"blue-green: old set kept {kept:g}s >= {spec.keep_old_s:g}s, "
                                         "stopped", weights=False)
-        return replace(state, reason=f"blue-green: switched; keeping old set until "
-                                     f"{state.switched_at + spec.keep_old_s:g}"), []
+        return replace(state, reason=f"blue-green: switched; keeping the old set for a quick rollback, "
+                                     f"stopping it in {duration(spec.keep_old_s - kept)}"
+                                     f" (keepOldFor {duration(spec.keep_old_s)})"), []
     if obs.new_failed > 0:
         return _rollback(spec, obs, state, "blue-green: before switch, " + _failed_reason(obs))
     # The new set starts in full beside the old one (no surge limit: that is the

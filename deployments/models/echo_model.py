@@ -12,6 +12,7 @@ It behaves like a model server for the examples, tests and benchmarks:
   GET  /status/<code>     answers with that status code (errors pass through the gateway)
   GET  /admin/health?fail=1   make /health answer 503 from now on (fail=0 heals it)
   GET  /admin/delay?ms=200    add this delay to every later request but /health (a slow instance)
+  GET  /admin/errors?status=500   every later request but /health and /admin answers 500 (status=0 heals it)
   --error-status CODE     a broken model: every path but /health answers CODE (canary tests)
   anything else           200 with the method, path and query it saw
 """
@@ -29,7 +30,7 @@ from urllib.parse import parse_qs, urlsplit
 
 INSTANCE = os.environ.get("AUTODEPLOY_INSTANCE_ID", "local")
 # Per-process switches for tests and benchmarks (see /admin/... above).
-ADMIN = {"health_fail": False, "delay_ms": 0.0}
+ADMIN = {"health_fail": False, "delay_ms": 0.0, "error_status": 0}
 ERROR_STATUS = 0
 
 
@@ -99,14 +100,20 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/admin/delay":
             ADMIN["delay_ms"] = float(query.get("ms", 0))
             return self._json(200, {"instance": INSTANCE, **ADMIN})
+        if path == "/admin/errors":
+            ADMIN["error_status"] = int(query.get("status", 500))
+            return self._json(200, {"instance": INSTANCE, **ADMIN})
         if path == "/health":
             if ADMIN["health_fail"]:
                 return self._send(503, b"failing on purpose", "text/plain")
             return self._send(200, b"ok", "text/plain")
         if ADMIN["delay_ms"]:
             time.sleep(ADMIN["delay_ms"] / 1000)
-        if ERROR_STATUS:
+        if ERROR_STATUS or ADMIN["error_status"]:
             self._read_body()
+            if ADMIN["error_status"]:
+                return self._json(int(ADMIN["error_status"]), {"error": "broken on purpose (/admin/errors)",
+                                                               "instance": INSTANCE})
             return self._json(ERROR_STATUS, {"error": "broken on purpose (--error-status)", "instance": INSTANCE})
         if path == "/whoami":
             return self._json(200, {

@@ -1,0 +1,127 @@
+"""The dashboard in a real headless Chromium (Debian's `chromium` + `chromium-driver`, driven by
+Selenium): log in with a token, read every deployment's status word, open one, press Scale."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+from conftest import PY, ROOT, deployment_yaml
+
+ARTIFACTS = ROOT / ".pytest-artifacts"
+OPERATOR = "op-token-for-the-browser-test"
+VIEWER = "viewer-token-for-the-browser-test"
+
+
+@pytest.fixture
+def browser():
+    chromium, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")
+    assert chromium and driver_bin, ("the dashboard test needs Debian's chromium and chromium-driver "
+                                     "(apt-get install chromium chromium-driver; .ci/run installs them)")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1280,1800", "--no-first-run", "--disable-extensions"):
+        opts.add_argument(arg)
+    # An explicit driver path: Selenium Manager never tries to download anything.
+    drv = webdriver.Chrome(service=Service(executable_path=driver_bin), options=opts)
+    drv.set_page_load_timeout(60)
+    try:
+        yield drv
+    finally:
+        drv.quit()
+
+
+def shot(drv, name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / f"dashboard-{name}.png"
+    drv.save_screenshot(str(path))
+    assert path.stat().st_size > 1000
+    return path
+
+
+def status_of(drv, name: str) -> str | None:
+    rows = drv.find_elements(By.CSS_SELECTOR, f'tr[data-name="{name}"] .status')
+    return rows[0].text if rows else None
+
+
+def test_log_in_see_status_words_open_a_deployment_and_scale_it(serve, browser, monkeypatch):
+    monkeypatch.setenv("AUTODEPLOY_UI_TOKENS", f"operator={OPERATOR},viewer={VIEWER}")
+    crash = f"{PY} -c 'import sys; print(\"no weights\"); sys.exit(4)'"
+    s = serve({
+        "hello.yaml": deployment_yaml("hello", min_replicas=1, max_replicas=3),
+        "lazy.yaml": deployment_yaml("lazy"),
+        "crashy.yaml": deployment_yaml("crashy", crash, min_replicas=1),
+        "paused.yaml": deployment_yaml("paused", state="stopped"),
+    })
+    s.wait_for(lambda: s.status("hello")["status"] == "Running", what="hello running")
+    drv = browser
+    wait = WebDriverWait(drv, 60, poll_frequency=0.2)
+
+    drv.get(s.url + "/ui/")
+    assert "Log in" in drv.find_element(By.TAG_NAME, "h1").text  # nothing readable without a session
+    drv.get(s.url + "/ui/login?token=wrong-token-123")
+    assert "not known" in drv.find_element(By.ID, "login-error").text
+
+    drv.get(s.url + f"/ui/login?token={OPERATOR}")
+    wait.until(lambda d: d.current_url.rstrip("/").endswith("/ui"))
+    assert drv.find_element(By.ID, "role").text == "operator"
+    cookie = next(c for c in drv.get_cookies() if c["name"] == "autodeploy_ui")
+    assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict" and cookie["path"] == "/ui"
+    assert drv.execute_script("return document.cookie") == ""  # scripts cannot read the session
+    expected = {"hello": "Running", "lazy": "Standby", "crashy": "Failing", "paused": "Stopped"}
+    wait.until(lambda d: all(status_of(d, n) == w for n, w in expected.items()))  # live refresh included
+    names = [a.text for a in drv.find_elements(By.CSS_SELECTOR, "a.dep-link")]
+    assert names == sorted(expected)
+    shot(drv, "1-list")
+
+    drv.find_element(By.LINK_TEXT, "hello").click()
+    wait.until(lambda d: d.find_elements(By.ID, "dep-name") and d.find_element(By.ID, "dep-name").text == "hello")
+    assert drv.find_element(By.ID, "instance-count").text == "1"
+    assert drv.find_element(By.ID, "status-word").text == "Running"
+    assert drv.find_elements(By.CSS_SELECTOR, "svg#chart-latency") and drv.find_elements(By.CSS_SELECTOR,
+                                                                                         "svg#chart-rate")
+    wait.until(lambda d: d.find_element(By.ID, "log").text.strip() not in ("", "no instance running"))
+    shot(drv, "2-deployment")
+
+    box = drv.find_element(By.ID, "replicas")
+    box.clear()
+    box.send_keys("2")
+    drv.find_element(By.ID, "scale").click()
+    wait.until(lambda d: d.find_elements(By.ID, "notice") and "keeping 2 instance" in d.find_element(By.ID, "notice").text)
+    wait.until(lambda d: d.find_element(By.ID, "instance-count").text == "2")
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#instances tr[data-instance]")) == 2)
+    assert len(s.instances("hello")) == 2
+    drv.find_element(By.ID, "drift")  # the scale shows as drift from the file
+    assert "replicas" in drv.find_element(By.ID, "drift").text
+    shot(drv, "3-scaled")
+
+
+def test_viewer_cannot_act_and_a_forged_action_is_refused(serve, browser, monkeypatch):
+    import requests
+    monkeypatch.setenv("AUTODEPLOY_UI_TOKENS", f"operator={OPERATOR},viewer={VIEWER}")
+    s = serve({"hello.yaml": deployment_yaml("hello", min_replicas=1)})
+    s.wait_for(lambda: s.status("hello")["status"] == "Running", what="hello running")
+    drv = browser
+    drv.get(s.url + f"/ui/login?token={VIEWER}")
+    drv.get(s.url + "/ui/d/hello")
+    assert not drv.find_elements(By.ID, "scale")
+    cookie = next(c for c in drv.get_cookies() if c["name"] == "autodeploy_ui")["value"]
+    csrf = drv.find_element(By.CSS_SELECTOR, "input[name=csrf]").get_attribute("value")  # the logout form's
+    viewer = requests.post(s.url + "/ui/d/hello/scale", data={"replicas": 2, "csrf": csrf},
+                           cookies={"autodeploy_ui": cookie}, allow_redirects=False, timeout=10)
+    assert viewer.status_code == 403 and viewer.json()["code"] == 1052
+    anonymous = requests.post(s.url + "/ui/d/hello/scale", data={"replicas": 2}, allow_redirects=False, timeout=10)
+    assert anonymous.status_code == 401 and anonymous.json()["code"] == 1051
+    operator = requests.get(s.url + f"/ui/login?token={OPERATOR}", allow_redirects=False, timeout=10)
+    op_cookie = operator.cookies["autodeploy_ui"]
+    no_csrf = requests.post(s.url + "/ui/d/hello/stop", cookies={"autodeploy_ui": op_cookie},
+                            allow_redirects=False, timeout=10)
+    assert no_csrf.status_code == 403 and no_csrf.json()["code"] == 1053
+    assert s.status("hello")["state"] == "running"
+    shot(drv, "4-viewer")
