@@ -36,7 +36,6 @@ from controller import statedir
 from controller.statedir import StateDirBusy, StateDirLock
 from controller.store import Store
 from controller.usage import UsageSampler
-from gateway.ui.session import EnvTokens
 
 log = logging.getLogger("autodeploy.serve")
 
@@ -161,10 +160,6 @@ class Server:
         self.inflight_path = str(opts.state_dir / "inflight.bin")
         self.prometheus_dir = opts.state_dir / "prometheus"
         self.trusted_proxies = _networks(opts.trusted_proxies or tuple(self.stack.trusted_proxies))
-        try:
-            EnvTokens.from_env()  # a bad AUTODEPLOY_UI_TOKENS stops here with what to fix, not in every worker
-        except ValueError as exc:
-            raise SystemExit(str(exc)) from None
         self.health = HealthChecker(self.controller)
         self.nvml = NvmlGpuSource() if self.inventory.source == "nvml" else None
         self.usage = UsageSampler(self.controller, self.nvml)

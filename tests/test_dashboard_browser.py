@@ -14,8 +14,13 @@ from selenium.webdriver.support.ui import WebDriverWait
 from conftest import PY, ROOT, deployment_yaml
 
 ARTIFACTS = ROOT / ".pytest-artifacts"
-OPERATOR = "op-token-for-the-browser-test"
-VIEWER = "viewer-token-for-the-browser-test"
+
+
+def make_token(s, name: str, role: str) -> str:
+    """A token of the API's own (controller.auth), made by the serve's admin as an operator would."""
+    resp = s.post("/api/tokens", json={"name": name, "role": role})
+    assert resp.status_code == 200, resp.text
+    return resp.json()["token"]
 
 
 @pytest.fixture
@@ -50,8 +55,7 @@ def status_of(drv, name: str) -> str | None:
     return rows[0].text if rows else None
 
 
-def test_log_in_see_status_words_open_a_deployment_and_scale_it(serve, browser, monkeypatch):
-    monkeypatch.setenv("AUTODEPLOY_UI_TOKENS", f"operator={OPERATOR},viewer={VIEWER}")
+def test_log_in_see_status_words_open_a_deployment_and_scale_it(serve, browser):
     crash = f"{PY} -c 'import sys; print(\"no weights\"); sys.exit(4)'"
     s = serve({
         "hello.yaml": deployment_yaml("hello", min_replicas=1, max_replicas=3),
@@ -60,6 +64,7 @@ def test_log_in_see_status_words_open_a_deployment_and_scale_it(serve, browser, 
         "paused.yaml": deployment_yaml("paused", state="stopped"),
     })
     s.wait_for(lambda: s.status("hello")["status"] == "Running", what="hello running")
+    operator = make_token(s, "ui-operator", "operator")
     drv = browser
     wait = WebDriverWait(drv, 60, poll_frequency=0.2)
 
@@ -68,7 +73,7 @@ def test_log_in_see_status_words_open_a_deployment_and_scale_it(serve, browser, 
     drv.get(s.url + "/ui/login?token=wrong-token-123")
     assert "not known" in drv.find_element(By.ID, "login-error").text
 
-    drv.get(s.url + f"/ui/login?token={OPERATOR}")
+    drv.get(s.url + f"/ui/login?token={operator}")
     wait.until(lambda d: d.current_url.rstrip("/").endswith("/ui"))
     assert drv.find_element(By.ID, "role").text == "operator"
     cookie = next(c for c in drv.get_cookies() if c["name"] == "autodeploy_ui")
@@ -97,18 +102,21 @@ def test_log_in_see_status_words_open_a_deployment_and_scale_it(serve, browser, 
     wait.until(lambda d: d.find_element(By.ID, "instance-count").text == "2")
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#instances tr[data-instance]")) == 2)
     assert len(s.instances("hello")) == 2
+    audit = [e["message"] for e in s.status("hello")["events"] if e["kind"] == "audit"]
+    assert any(m.startswith("scale(") and "by token ui-operator (operator) via the dashboard: done" in m
+               for m in audit), audit  # the audit trail names the dashboard session's token
     drv.find_element(By.ID, "drift")  # the scale shows as drift from the file
     assert "replicas" in drv.find_element(By.ID, "drift").text
     shot(drv, "3-scaled")
 
 
-def test_viewer_cannot_act_and_a_forged_action_is_refused(serve, browser, monkeypatch):
+def test_viewer_cannot_act_and_a_forged_action_is_refused(serve, browser):
     import requests
-    monkeypatch.setenv("AUTODEPLOY_UI_TOKENS", f"operator={OPERATOR},viewer={VIEWER}")
     s = serve({"hello.yaml": deployment_yaml("hello", min_replicas=1)})
     s.wait_for(lambda: s.status("hello")["status"] == "Running", what="hello running")
+    viewer_token, operator_token = make_token(s, "ui-viewer", "viewer"), make_token(s, "ui-op", "operator")
     drv = browser
-    drv.get(s.url + f"/ui/login?token={VIEWER}")
+    drv.get(s.url + f"/ui/login?token={viewer_token}")
     drv.get(s.url + "/ui/d/hello")
     assert not drv.find_elements(By.ID, "scale")
     cookie = next(c for c in drv.get_cookies() if c["name"] == "autodeploy_ui")["value"]
@@ -118,10 +126,13 @@ def test_viewer_cannot_act_and_a_forged_action_is_refused(serve, browser, monkey
     assert viewer.status_code == 403 and viewer.json()["code"] == 1052
     anonymous = requests.post(s.url + "/ui/d/hello/scale", data={"replicas": 2}, allow_redirects=False, timeout=10)
     assert anonymous.status_code == 401 and anonymous.json()["code"] == 1051
-    operator = requests.get(s.url + f"/ui/login?token={OPERATOR}", allow_redirects=False, timeout=10)
+    operator = requests.get(s.url + f"/ui/login?token={operator_token}", allow_redirects=False, timeout=10)
     op_cookie = operator.cookies["autodeploy_ui"]
     no_csrf = requests.post(s.url + "/ui/d/hello/stop", cookies={"autodeploy_ui": op_cookie},
                             allow_redirects=False, timeout=10)
     assert no_csrf.status_code == 403 and no_csrf.json()["code"] == 1053
     assert s.status("hello")["state"] == "running"
+    s.post("/api/tokens/revoke", json={"name": "ui-op"})
+    assert requests.get(s.url + f"/ui/login?token={operator_token}", allow_redirects=False,
+                        timeout=10).status_code == 401  # a revoked token no longer logs in
     shot(drv, "4-viewer")

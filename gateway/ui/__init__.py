@@ -7,6 +7,7 @@ session's CSRF token (`gateway.ui.session`).
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 from urllib.parse import quote
@@ -17,7 +18,7 @@ from controller import errors
 from controller.errors import AutoDeployError
 from controller.humantime import ago, duration
 from gateway.ui.charts import history_charts
-from gateway.ui.session import COOKIE, EnvTokens, Session, Sessions, TokenVerifier
+from gateway.ui.session import COOKIE, ControlTokens, Session, Sessions, TokenVerifier
 
 ACTIONS = ("scale", "stop", "start", "rollback")
 REFRESH_MS = 2000
@@ -44,14 +45,17 @@ def _node(inst: dict) -> str:
 
 
 def register(app: Flask, ipc: Any, verifier: TokenVerifier | None = None, sessions: Sessions | None = None) -> None:
-    tokens = verifier if verifier is not None else EnvTokens.from_env()
+    tokens = verifier if verifier is not None else ControlTokens(ipc)
     signer = sessions or Sessions.from_env()
     bp = Blueprint("ui", __name__, url_prefix="/ui", template_folder="templates", static_folder="static",
                    static_url_path="/static")
-    login_needed = bool(getattr(tokens, "configured", True))
+    # `serve --insecure-no-auth` (loopback only): the API lets everyone act, so does the dashboard.
+    login_needed = os.environ.get("AUTODEPLOY_AUTH", "on") != "off"
+    open_session = Session("admin", "no-auth", float("inf"), "anonymous")
 
     def session() -> Session | None:
-        return signer.read(request.cookies.get(COOKIE), time.time())
+        found = signer.read(request.cookies.get(COOKIE), time.time())
+        return found if found is not None or login_needed else open_session
 
     def viewer() -> Session | None:
         """The session, or raise 1051 when the dashboard needs a login to be read."""
@@ -79,11 +83,12 @@ def register(app: Flask, ipc: Any, verifier: TokenVerifier | None = None, sessio
         token = request.args.get("token", "")
         if not token:
             return page("ui_login.html", error=None)
-        role = tokens.role_of(token[:512])
-        if role is None:
-            return Response(page("ui_login.html", error="That token is not known."), status=401)
+        found = tokens.principal(token)
+        if found is None:
+            return Response(page("ui_login.html", error="That token is not known (or was revoked)."), status=401)
+        name, role = found
         resp = redirect("/ui/", code=303)
-        resp.set_cookie(COOKIE, signer.issue(role, time.time()), max_age=int(signer.ttl_s), path="/ui",
+        resp.set_cookie(COOKIE, signer.issue(role, time.time(), name), max_age=int(signer.ttl_s), path="/ui",
                         httponly=True, samesite="Strict", secure=request.is_secure)
         resp.headers["Cache-Control"] = "no-store"
         resp.headers["Referrer-Policy"] = "no-referrer"  # the token was in this URL
@@ -143,7 +148,7 @@ def register(app: Flask, ipc: Any, verifier: TokenVerifier | None = None, sessio
         except ValueError:
             return redirect(f"/ui/d/{quote(name)}?error=" + quote("the count must be a whole number"), code=303)
         try:
-            result = ipc.call("action", name=name, action=action, args=args)["result"]
+            result = ipc.call("action", name=name, action=action, args=args, actor=s.describe())["result"]
         except AutoDeployError as exc:
             if exc.error in (errors.UNKNOWN_DEPLOYMENT,):
                 raise

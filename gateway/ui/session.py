@@ -1,9 +1,9 @@
 """Dashboard login: who a token is, a signed session cookie, and CSRF tokens.
 
-The dashboard asks one question of the token system: "what role does this token
-have?" (`TokenVerifier.role_of`). Until the API's own tokens exist, operators list
-tokens in `AUTODEPLOY_UI_TOKENS` (`operator=TOKEN,viewer=TOKEN`); only their SHA-256
-hashes are kept in memory and compared in constant time.
+The dashboard asks one question of the token system: "who is this token?"
+(`ControlTokens.principal`): the API's own tokens (`controller.auth`, `autodeploy token
+create`), looked up by their SHA-256 hash like the API does; the token itself never
+leaves this process.
 
 A session is a cookie `autodeploy_ui` = base64(JSON {role, expiry, session id}) + "." +
 HMAC-SHA256 over it with the gateway's secret (`AUTODEPLOY_UI_SECRET`, made fresh by
@@ -19,7 +19,9 @@ import json
 import os
 import secrets
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
+
+from controller.auth import MAX_CREDENTIAL, digest
 
 COOKIE = "autodeploy_ui"
 SESSION_TTL_S = 12 * 3600
@@ -28,40 +30,26 @@ ACTION_ROLES = ("operator", "admin")
 
 
 class TokenVerifier(Protocol):
-    def role_of(self, token: str) -> str | None:
-        """The token's role (viewer | operator | admin), or None for an unknown token."""
+    def principal(self, token: str) -> tuple[str, str] | None:
+        """(name, role) of the token (role: viewer | operator | admin), or None for an unknown token."""
 
 
-class EnvTokens:
-    """Tokens from `AUTODEPLOY_UI_TOKENS`: `role=token` pairs separated by commas."""
+class ControlTokens:
+    """The API's own tokens (controller.auth): the controller answers who a token's hash is."""
 
-    def __init__(self, spec: str) -> None:
-        self.hashes: dict[str, str] = {}
-        for item in (p.strip() for p in spec.split(",")):
-            if not item:
-                continue
-            role, sep, token = item.partition("=")
-            role = role.strip()
-            if not sep or role not in ROLES or len(token.strip()) < 8:
-                raise ValueError(f"AUTODEPLOY_UI_TOKENS entry {role or item!r}: write ROLE=TOKEN with ROLE one of "
-                                 f"{', '.join(ROLES)} and a token of 8 characters or more")
-            self.hashes[_sha(token.strip())] = role
+    def __init__(self, control: Any) -> None:
+        self.control = control
 
-    @classmethod
-    def from_env(cls) -> "EnvTokens":
-        return cls(os.environ.get("AUTODEPLOY_UI_TOKENS", ""))
-
-    @property
-    def configured(self) -> bool:
-        return bool(self.hashes)
+    def principal(self, token: str) -> tuple[str, str] | None:
+        """(name, role) of a known token, else None."""
+        if not token or len(token) > MAX_CREDENTIAL:
+            return None
+        found = self.control.call("auth", hash=digest(token)).get("principal")
+        return (str(found["name"]), str(found["role"])) if found else None
 
     def role_of(self, token: str) -> str | None:
-        digest = _sha(token)
-        found = None
-        for known, role in self.hashes.items():  # every entry compared: no early exit on a match
-            if hmac.compare_digest(known, digest):
-                found = role
-        return found
+        found = self.principal(token)
+        return found[1] if found else None
 
 
 @dataclass(frozen=True)
@@ -69,6 +57,10 @@ class Session:
     role: str
     sid: str
     expires: float
+    name: str = "anonymous"  # the token's name, for the audit trail of actions
+
+    def describe(self) -> str:
+        return f"token {self.name} ({self.role}) via the dashboard"
 
     @property
     def can_act(self) -> bool:
@@ -88,8 +80,8 @@ class Sessions:
         # Without serve's shared secret (the app used alone), one process signs and checks its own cookies.
         return cls(secret.encode() if secret else secrets.token_bytes(32))
 
-    def issue(self, role: str, now: float) -> str:
-        payload = json.dumps({"r": role, "e": int(now + self.ttl_s), "s": secrets.token_hex(12)},
+    def issue(self, role: str, now: float, name: str = "anonymous") -> str:
+        payload = json.dumps({"r": role, "e": int(now + self.ttl_s), "s": secrets.token_hex(12), "n": name[:64]},
                              separators=(",", ":")).encode()
         return _b64(payload) + "." + _b64(self._sign(payload))
 
@@ -108,7 +100,7 @@ class Sessions:
             return None
         if data["e"] <= now:
             return None
-        return Session(data["r"], data["s"], float(data["e"]))
+        return Session(data["r"], data["s"], float(data["e"]), str(data.get("n", "anonymous")))
 
     def csrf(self, session: Session) -> str:
         return hmac.new(self.secret, b"csrf:" + session.sid.encode(), hashlib.sha256).hexdigest()[:40]
@@ -118,10 +110,6 @@ class Sessions:
 
     def _sign(self, payload: bytes) -> bytes:
         return hmac.new(self.secret, payload, hashlib.sha256).digest()
-
-
-def _sha(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def _b64(data: bytes) -> str:
