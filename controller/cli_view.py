@@ -352,6 +352,12 @@ def cmd_wait(args: argparse.Namespace) -> int:
                 print(f"{args.name} is ready: instance {inst['id']}{extra}")
             return 0
         starting = [i for i in dep["instances"] if i["state"] == "starting"]
+        if woke.get("status") in (401, 403) and not starting:
+            reason = (f"the endpoint refused the waking request (HTTP {woke['status']}: {woke.get('body', '')[:200]}); "
+                      "a deployment with endpoint keys is woken by a request that carries one")
+            print(json.dumps({"name": args.name, "ready": False, "status": dep["status"], "reason": reason})
+                  if quiet else f"{args.name}: {reason}", file=sys.stdout if quiet else sys.stderr)
+            return 1
         if dep["status"] == "Failing" and not starting and (args.no_wake or woke):
             reason = dep.get("last_error") or woke.get("body") or woke.get("error") or "failed"
             if quiet:

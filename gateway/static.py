@@ -18,6 +18,7 @@ from typing import Any
 from controller import errors
 from controller.errors import AutoDeployError
 from controller.policy.capacity import RANDOM, ROUND_ROBIN, SCALE_OUT
+from controller.policy.status import status_word
 
 FIXED = "instances are fixed by the Pulumi stack: change autodeploy:replicas and run `pulumi up`"
 
@@ -108,7 +109,8 @@ class StaticControlPlane:
 
     def _status(self, name: str | None) -> dict:
         def one(n: str, dep: dict) -> dict:
-            return {"name": n, "state": dep["state"], "status": "Running" if dep["ready"] else "Standby",
+            return {"name": n, "state": dep["state"],
+                    "status": status_word(dep["state"], len(dep["ready"]), len(dep["ready"]), 0),
                     "endpoint": f"/d/{n}/", "instances": [{"id": r["id"], "state": "ready", "host": r["host"],
                                                            "port": r["port"]} for r in dep["ready"]]}
         deps = self.snapshot["deployments"]

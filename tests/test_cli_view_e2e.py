@@ -36,7 +36,10 @@ def served(serve):
             alerts:
               - {metric: coldStartMs, above: 600000, for: 0s}
         """),
-        "crashy.yaml": deployment_yaml("crashy", crash, min_replicas=1),
+        "crashy.yaml": deployment_yaml("crashy", crash, min_replicas=1, extra_spec="""
+            alerts:
+              - {metric: restarts, above: 1, for: 0s}
+        """),
     })
 
 
@@ -59,6 +62,10 @@ def test_status_shows_failing_with_the_last_error_and_percentiles(served):
     names = cli("status", "--output", "name", url=s.url).stdout.split()
     assert names == ["crashy", "hello", "lazy"]
     assert json.loads(cli("status", "-o", "json", url=s.url).stdout)["deployments"][0]["status"] == "Failing"
+    # restarts: crashes and failed starts of the last 10 minutes, counted from the event log
+    s.wait_for(lambda: any(e["kind"] == "alert-firing" and e["message"].startswith("restarts > 1")
+                           for e in s.status("crashy")["events"]), what="the restarts alert", timeout=60)
+    assert "alert firing: restarts > 1 for 0s" in cli("status", "crashy", url=s.url).stdout
 
 
 def test_wait_starts_an_instance_and_prints_its_phases_then_describe_explains_the_cold_start(served):

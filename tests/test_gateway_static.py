@@ -71,7 +71,7 @@ def test_static_gateway_answers_the_seed_codes_for_what_it_cannot_do(gateway):
     assert requests.get(gateway + "/api/deployments", timeout=10).json()["code"] == 1030
     status = requests.get(gateway + "/api/deployments", headers={"Authorization": f"Bearer {VIEWER}"},
                           timeout=10).json()
-    assert [(d["name"], d["status"]) for d in status["deployments"]] == [("paused", "Standby"), ("tts", "Running")]
+    assert [(d["name"], d["status"]) for d in status["deployments"]] == [("paused", "Stopped"), ("tts", "Running")]
 
 
 def test_bad_routes_are_refused_with_a_coded_error():
