@@ -13,6 +13,7 @@ from controller import cli_auth, cli_ops, cli_view
 from controller.cli_ops import add_output
 from controller.errors import AutoDeployError
 from controller.humantime import ago
+from controller.policy.status import brief_error
 
 DEFAULT_URL = os.environ.get("AUTODEPLOY_URL", "http://127.0.0.1:8080")
 
@@ -204,7 +205,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(_table(rows))
     for d in data["deployments"]:
         if d["status"] == "Failing" and d.get("last_error"):
-            print(f"{d['name']} is failing: {cli_view.first_line(d['last_error'])}")
+            print(f"{d['name']} is failing: {brief_error(d['last_error'])}")
     for err in data.get("errors", []):
         print(f"spec error: {err}")
     _print_source(data.get("source"))

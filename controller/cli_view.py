@@ -17,6 +17,7 @@ import requests
 from controller import cli_auth
 from controller.cli_ops import _call, add_output
 from controller.humantime import ago, duration
+from controller.policy.status import brief_error
 
 
 def add_parsers(sub: Any, default_url: str) -> None:
@@ -84,7 +85,7 @@ def first_line(text: str) -> str:
 def status_line(dep: dict) -> str:
     word = dep["status"]
     if word == "Failing" and dep.get("last_error"):
-        return f"Failing: {first_line(dep['last_error'])}"
+        return f"Failing: {brief_error(dep['last_error'])}"
     return word
 
 

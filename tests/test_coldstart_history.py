@@ -102,3 +102,12 @@ def test_sessions_are_signed_and_expire_and_csrf_is_bound_to_the_session():
     assert Sessions(b"j" * 32).read(cookie, 1010.0) is None
     other = signer.read(signer.issue("operator", 1000.0), 1010.0)
     assert signer.csrf_ok(s, signer.csrf(s)) and not signer.csrf_ok(s, signer.csrf(other)) and not signer.csrf_ok(s, "")
+
+
+def test_a_failing_status_line_names_the_error_and_the_last_log_line():
+    from controller.policy.status import brief_error
+    err = "instance abc exited with code 3 before it was ready; last log lines:\nloading\nboom: weights missing\n"
+    assert brief_error(err) == ("instance abc exited with code 3 before it was ready; last log lines: ... "
+                                "boom: weights missing")
+    assert brief_error("one line") == "one line" and brief_error(None) == ""
+    assert len(brief_error("x" * 1000)) == 240

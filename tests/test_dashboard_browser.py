@@ -81,6 +81,8 @@ def test_log_in_see_status_words_open_a_deployment_and_scale_it(serve, browser):
     assert drv.execute_script("return document.cookie") == ""  # scripts cannot read the session
     expected = {"hello": "Running", "lazy": "Standby", "crashy": "Failing", "paused": "Stopped"}
     wait.until(lambda d: all(status_of(d, n) == w for n, w in expected.items()))  # live refresh included
+    failing = drv.find_element(By.CSS_SELECTOR, 'tr[data-name="crashy"] .error').text
+    assert "exited with code 4" in failing and failing.endswith("no weights")  # the cause, from its log
     names = [a.text for a in drv.find_elements(By.CSS_SELECTOR, "a.dep-link")]
     assert names == sorted(expected)
     shot(drv, "1-list")

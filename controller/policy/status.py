@@ -21,3 +21,15 @@ def status_word(state: str, ready: int, instances: int, failures: int) -> str:
     if failures > 0:
         return FAILING
     return IDLE if instances else STANDBY
+
+
+def brief_error(text: str | None, limit: int = 240) -> str:
+    """One line for a Failing status: the error's first line and, for a multi-line error such as
+    "exited ...; last log lines:" + the log, its last non-empty line (usually the cause)."""
+    if not text:
+        return ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return ""
+    out = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+    return out if len(out) <= limit else out[:limit - 3] + "..."

@@ -17,6 +17,7 @@ from flask import Blueprint, Flask, Response, redirect, render_template, request
 from controller import errors
 from controller.errors import AutoDeployError
 from controller.humantime import ago, duration
+from controller.policy.status import brief_error
 from gateway.ui.charts import history_charts
 from gateway.ui.session import COOKIE, ControlTokens, Session, Sessions, TokenVerifier
 
@@ -67,7 +68,7 @@ def register(app: Flask, ipc: Any, verifier: TokenVerifier | None = None, sessio
     def page(template: str, **kw: Any) -> str:
         s = session()
         now = time.time()
-        return render_template(template, session=s, csrf=signer.csrf(s) if s else "", now=now, ago=ago,
+        return render_template(template, session=s, brief=brief_error, csrf=signer.csrf(s) if s else "", now=now, ago=ago,
                                duration=duration, ms=_ms, gpu=_gpu, node=_node, refresh_ms=REFRESH_MS,
                                login_needed=login_needed, **kw)
 
@@ -108,7 +109,8 @@ def register(app: Flask, ipc: Any, verifier: TokenVerifier | None = None, sessio
         viewer()
         data = ipc.call("status")["status"]
         if request.args.get("fragment"):
-            return render_template("ui_list_rows.html", data=data, now=time.time(), ms=_ms, gpu=_gpu)
+            return render_template("ui_list_rows.html", data=data, now=time.time(), ms=_ms, gpu=_gpu,
+                                   brief=brief_error)
         return page("ui_list.html", data=data)
 
     @bp.get("/d/<name>")
