@@ -283,6 +283,8 @@ class Controller:
                     "request_timeout": rt.spec.request_timeout_s,
                     "ready": [_address(r) for r in rt.by_phase("ready") if r.inst is not None and not r.unhealthy],
                     **_proxy_fields(rt.spec),
+                    "protocol": rt.spec.protocol, "tunnel_timeout": rt.spec.tunnel_timeout_s,
+                    "tunnel_idle_timeout": rt.spec.tunnel_idle_timeout_s,
                 }
             self._snapshot = {"version": self.version, "deployments": deps}
         return self._snapshot
@@ -356,7 +358,7 @@ class Controller:
                 port_open = True
                 self.coldstarts.mark(rec.id, "port", self.clock())
             if is_ready(inst.host, inst.port, path, timeout=max(0.5, health.timeout_s if health else 1.0),
-                        tcp_is_enough=self.driver.tcp_accept_means_ready):
+                        tcp_is_enough=self.driver.tcp_accept_means_ready, protocol=spec.protocol):
                 problem = listener_problem(self.driver, inst)
                 if problem is not None:
                     self._fail(rec, AutoDeployError(errors.INSTANCE_START_FAILED, f"instance {rec.id}: {problem}"))
@@ -491,7 +493,8 @@ class Controller:
                 rec.phase = "ready"
                 self._event(spec.name, "revived", "traffic arrived while it was being released", rec.id)
                 self._bump()
-            elif self._drained(rec, inflight) or now - rec.drain_started > DRAIN_TIMEOUT_S:
+            # An open WebSocket counts in flight; it ends by spec.tunnelTimeout at the latest.
+            elif self._drained(rec, inflight) or now - rec.drain_started > max(DRAIN_TIMEOUT_S, spec.tunnel_timeout_s):
                 self._stop(rec, rec.reason)
         if rt.removed:
             if not rt.instances:
@@ -543,7 +546,7 @@ class Controller:
             if alive and rt is not None and not rt.removed and (inst.revision == rt.spec.revision or earlier):
                 health = rt.spec.load_balancer.health_check
                 if is_ready(inst.host, inst.port, health.path if health else None,
-                            tcp_is_enough=self.driver.tcp_accept_means_ready):
+                            tcp_is_enough=self.driver.tcp_accept_means_ready, protocol=rt.spec.protocol):
                     if earlier is not None:
                         resume[rt.spec.name] = earlier
                     with self._cv:

@@ -122,6 +122,16 @@ OPERATOR_REQUIRED = ErrorCode(1052, 403, "operator role required",
                               "Log in with an operator token to scale, stop, start or roll back.")
 CSRF_FAILED = ErrorCode(1053, 403, "CSRF token missing or wrong",
                         "Reload the dashboard page and press the button again.")
+# Streaming protocols (gateway/tunnel.py): 1070-1079.
+PROTOCOL_NOT_CARRIED = ErrorCode(1070, 501, "protocol not carried by the python data plane",
+                                 "h2c and gRPC deployments need `autodeploy serve --data-plane haproxy`; python "
+                                 "mode carries HTTP/1.1, server-sent events and WebSocket.")
+TUNNEL_LIMIT = ErrorCode(1071, 503, "too many open WebSocket tunnels on this gateway worker",
+                         "Retry after the Retry-After seconds, run more gateway workers (`--workers`), or "
+                         "use the haproxy data plane.")
+TUNNEL_UNSUPPORTED = ErrorCode(1072, 501, "this gateway server cannot hand over the connection",
+                               "WebSocket needs the gunicorn gateway of `autodeploy serve` (it hands the "
+                               "client socket to the tunnel); use it or the haproxy data plane.")
 
 ALL: tuple[ErrorCode, ...] = tuple(v for v in list(globals().values()) if isinstance(v, ErrorCode))
 BY_CODE: dict[int, ErrorCode] = {e.code: e for e in ALL}

@@ -31,10 +31,81 @@ def http_ok(host: str, port: int, path: str, timeout: float) -> bool:
     return status is not None and 200 <= status < 300
 
 
+# gRPC health protocol (grpc.health.v1), spoken with grpcio's generic calls: the two
+# messages are one string and one enum, so they are encoded here and the controller needs
+# no generated protobuf code.
+GRPC_HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+SERVING_STATUS = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
+
+
+def grpc_service(health_path: str | None) -> str:
+    """The service a gRPC health check asks about: healthCheck.path without its slash
+    ("/" or none: the whole server, "")."""
+    return (health_path or "/").lstrip("/")
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def encode_health_request(service: str) -> bytes:
+    """HealthCheckRequest{service = 1}; the empty string is the default, sent as nothing."""
+    data = service.encode()
+    return b"\x0a" + _varint(len(data)) + data if data else b""
+
+
+def decode_health_status(reply: bytes) -> int:
+    """HealthCheckResponse.status (field 1, a varint); absent means 0, UNKNOWN."""
+    i, status = 0, 0
+    while i < len(reply):
+        tag = reply[i]
+        i += 1
+        if tag & 7 != 0:  # only varints are expected; anything else ends the parse
+            break
+        value, shift = 0, 0
+        while i < len(reply):
+            b = reply[i]
+            i += 1
+            value |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                break
+        if tag >> 3 == 1:
+            status = value
+    return status
+
+
+def grpc_health(host: str, port: int, service: str, timeout: float) -> tuple[bool | None, str]:
+    """One grpc.health.v1.Health/Check over h2c: (True, "SERVING"), (False, why), or
+    (None, ...) when the server answers gRPC but has no health service (UNIMPLEMENTED)."""
+    import grpc  # only deployments with protocol: grpc pay for loading it
+
+    with grpc.insecure_channel(f"{host}:{port}", options=[("grpc.enable_retries", 0)]) as channel:
+        check = channel.unary_unary(GRPC_HEALTH_CHECK)
+        try:
+            reply = check(encode_health_request(service), timeout=timeout)
+        except grpc.RpcError as exc:
+            code = exc.code()  # type: ignore[attr-defined]
+            detail = f"gRPC {code.name}: {exc.details()}"  # type: ignore[attr-defined]
+            return (None if code == grpc.StatusCode.UNIMPLEMENTED else False), detail
+    status = decode_health_status(reply)
+    return status == 1, f"gRPC health {SERVING_STATUS.get(status, status)}"
+
+
 def is_ready(host: str, port: int, health_path: str | None, timeout: float = 1.0,
-             tcp_is_enough: bool = True) -> bool:
+             tcp_is_enough: bool = True, protocol: str = "http") -> bool:
     """Ready = the health path answers 2xx; without one, the port accepts (or, behind a
-    port proxy, any HTTP answer at all)."""
+    port proxy, any HTTP answer at all). gRPC instances: the gRPC health service answers
+    SERVING; without a healthCheck, a server with no health service is ready once it
+    answers gRPC at all."""
+    if protocol == "grpc":
+        serving, _ = grpc_health(host, port, grpc_service(health_path), timeout)
+        return bool(serving) or (serving is None and not health_path)
     if health_path:
         return http_ok(host, port, health_path, timeout)
     if tcp_is_enough:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Callable
 
 from controller.background import PeriodicPass
 from controller.errors import AutoDeployError
+from controller.health import grpc_health, grpc_service
 from controller.policy.balance import health_update
 from controller.policy.capacity import restart_backoff
 from controller.spec import HealthCheck
@@ -38,8 +39,12 @@ class Probe:
     detail: str  # "HTTP 200", "HTTP 503", "timed out after 2 s", "connection refused"
 
 
-def probe(host: str, port: int, path: str, timeout: float) -> Probe:
-    """One GET; 2xx and 3xx are healthy (the schema's contract)."""
+def probe(host: str, port: int, path: str, timeout: float, protocol: str = "http") -> Probe:
+    """One GET; 2xx and 3xx are healthy (the schema's contract). gRPC instances: one
+    grpc.health.v1 Check of the service named by the path ("/" = the whole server)."""
+    if protocol == "grpc":
+        serving, detail = grpc_health(host, port, grpc_service(path), timeout)
+        return Probe(bool(serving), detail)
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         conn.request("GET", path, headers={"User-Agent": "autodeploy-health", "Connection": "close"})
@@ -101,7 +106,9 @@ class HealthChecker(PeriodicPass):
     def _check(self, rec: "Rec", hc: HealthCheck) -> None:
         try:
             assert rec.inst is not None
-            result = probe(rec.inst.host, rec.inst.port, hc.path, hc.timeout_s)
+            rt = self.c.deps.get(rec.deployment)
+            protocol = rt.spec.protocol if rt is not None else "http"
+            result = probe(rec.inst.host, rec.inst.port, hc.path, hc.timeout_s, protocol)
             self._apply(rec, hc, result)
         finally:
             with self.c._cv:
@@ -116,7 +123,10 @@ class HealthChecker(PeriodicPass):
                 return  # released or gone while the check ran
             failures, replace = health_update(rec.health_failures, result.ok, hc.failure_threshold)
             rec.health_failures = failures
-            check = f"GET {hc.path}: {result.detail}"
+            rt = c.deps.get(rec.deployment)
+            grpc = rt is not None and rt.spec.protocol == "grpc"
+            check = f"{'gRPC health Check(' + repr(grpc_service(hc.path)) + ')' if grpc else 'GET ' + hc.path}: " \
+                    f"{result.detail}"
             if result.ok:
                 if rec.unhealthy:
                     rec.unhealthy = False

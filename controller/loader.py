@@ -659,6 +659,16 @@ def _semantic_errors(doc: _Doc, filename: str, require_image: bool) -> list[Spec
     if _duration(doc.get(scaling + ("startTimeout",)), "300s") == 0:
         add(scaling + ("startTimeout",), "spec.scaling.startTimeout is 0; give instances time to start, e.g. 300s")
 
+    tunnel = _duration(doc.get(_SPEC + ("tunnelTimeout",)), "1h")
+    tunnel_idle = _duration(doc.get(_SPEC + ("tunnelIdleTimeout",)), "5m")
+    if tunnel == 0 or tunnel_idle == 0:
+        add(_SPEC + (("tunnelTimeout",) if tunnel == 0 else ("tunnelIdleTimeout",)),
+            "spec.tunnelTimeout and spec.tunnelIdleTimeout must be more than 0, e.g. 1h and 5m")
+    elif tunnel is not None and tunnel_idle is not None and tunnel_idle > tunnel:
+        add(written(_SPEC + ("tunnelIdleTimeout",), _SPEC + ("tunnelTimeout",)),
+            f"spec.tunnelIdleTimeout ({tunnel_idle:g}s) is longer than spec.tunnelTimeout ({tunnel:g}s), "
+            "so it could never apply; shorten it")
+
     rollout = _SPEC + ("rollout",)
     surge, unavailable = doc.get(rollout + ("maxSurge",), "25%"), doc.get(rollout + ("maxUnavailable",), "25%")
     if surge in (0, "0%") and unavailable in (0, "0%") and not isinstance(surge, bool):
@@ -764,6 +774,9 @@ def _to_deployment(doc: _Doc, filename: str) -> Deployment:
                      for i, a in enumerate(spec.get("alerts", []))),
         start_timeout_s=parse_duration(sc.get("startTimeout", "300s")),
         request_timeout_s=parse_duration(spec.get("requestTimeout", "300s")),
+        protocol=spec.get("protocol", "http"),
+        tunnel_timeout_s=parse_duration(spec.get("tunnelTimeout", "1h")),
+        tunnel_idle_timeout_s=parse_duration(spec.get("tunnelIdleTimeout", "5m")),
         source_file=filename,
         source_line=doc.line,
         raw=data,

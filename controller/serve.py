@@ -325,7 +325,9 @@ class Server:
                    AUTODEPLOY_GATEWAY_HOSTS=HostPolicy.for_bind(self.host, self.port,
                                                                 tuple(self.stack.gateway_hosts)).to_env(),
                    PROMETHEUS_MULTIPROC_DIR=str(self.prometheus_dir),
-                   AUTODEPLOY_UI_SECRET=secrets.token_hex(32))  # dashboard sessions, shared by the workers
+                   AUTODEPLOY_UI_SECRET=secrets.token_hex(32),  # dashboard sessions, shared by the workers
+                   # A WebSocket tunnel holds a gthread thread for its life; a quarter stays for requests.
+                   AUTODEPLOY_MAX_TUNNELS=str(max(1, o.threads * 3 // 4)))
         if self.data_plane_name == "haproxy":  # the client address comes from HAProxy (gateway/wsgi.py)
             from gateway.haproxy_config import PEER_HEADER
             env["AUTODEPLOY_PEER_HEADER"] = PEER_HEADER

@@ -112,6 +112,10 @@ class Deployment:
     request_timeout_s: float = 300.0  # spec.requestTimeout: time to the response headers
     # spec.placement.nodeSelector: labels the instance's node must carry (several nodes).
     node_selector: dict[str, str] = field(default_factory=dict)
+    # Streaming (gateway/tunnel.py, the gRPC health probe in controller/health.py).
+    protocol: str = "http"  # http | h2c | grpc
+    tunnel_timeout_s: float = 3600.0
+    tunnel_idle_timeout_s: float = 300.0
     # Where it came from, for errors and revisions.
     source_file: str = ""
     source_line: int = 0

@@ -27,6 +27,8 @@ from gateway.routing import Lease, Router, Target
 from gateway.upstream import (SMALL_BODY, UpstreamBadRequest, UpstreamBadResponse, UpstreamConnectError, UpstreamPool,
                               UpstreamProtocolError, UpstreamResponse, UpstreamTimeout)
 from gateway.ui import register as register_ui
+from gateway.haproxy_config import WAKE_HEADER
+from gateway.tunnel import Hijacked, TunnelSlots, is_websocket_upgrade, pump, response_head
 
 log = logging.getLogger("autodeploy.gateway")
 
@@ -120,12 +122,21 @@ class _Body:
 
 class Proxy:
     def __init__(self, router: Router, connect_timeout: float, read_timeout: float | None,
-                 trusted_proxies: tuple[str, ...] = ()) -> None:
+                 trusted_proxies: tuple[str, ...] = (), max_tunnels: int = 48) -> None:
         self.router = router
         self.pool = UpstreamPool(connect_timeout=connect_timeout, read_timeout=read_timeout)
         self.trusted_proxies = trusted_proxies
+        self.tunnels = TunnelSlots(max_tunnels)
 
     def forward(self, name: str, path: str) -> Response:
+        if request.headers.get(WAKE_HEADER) == "1":
+            return self.wake(name)
+        protocol = self.router.protocol(name)
+        if protocol != "http":
+            raise AutoDeployError(errors.PROTOCOL_NOT_CARRIED, f"{name} has spec.protocol {protocol}; the python "
+                                  "data plane speaks HTTP/1.1 only")
+        if is_websocket_upgrade(request.headers) and request.method == "GET":
+            return self.tunnel(name, path)
         started = time.monotonic()
         header = request.headers.get(ROUTE_RULE) or None
         rule = header.strip().lower() if header else None
@@ -200,6 +211,98 @@ class Proxy:
             self.router.ipc.call("first_byte", instance=target.id, at=time.time())
         except AutoDeployError as exc:  # the static gateway has no starts to explain
             log.debug("first byte of %s not recorded: %s", target.id, exc)
+    def wake(self, name: str) -> Response:
+        """haproxy mode, an h2c/gRPC request at zero: HAProxy holds it and asks here for an
+        instance (gateway/haproxy_config.py WAKE_LUA). Same cold start, queue and coded errors
+        as a held request; 204 once an instance is ready. (A client sending the header gains
+        nothing a plain request would not: it starts an instance, as any request does.)"""
+        lease = self.router.lease(name, None)
+        lease.done(ok=True, status=204)
+        return Response(status=204, headers=[(ROUTE_TARGET, lease.target.id)])
+
+    def tunnel(self, name: str, path: str) -> Response:
+        """A WebSocket handshake: routed like any request (a cold start holds it), then, on the
+        instance's 101, a byte tunnel counted in flight on that instance until it closes."""
+        client = request.environ.get("gunicorn.socket")
+        if client is None:
+            raise AutoDeployError(errors.TUNNEL_UNSUPPORTED, "no gunicorn.socket in the WSGI environ")
+        if not self.tunnels.take():
+            raise AutoDeployError(errors.TUNNEL_LIMIT, f"{self.tunnels.limit} tunnels are open in this worker",
+                                  retry_after=1.0)
+        try:
+            return self._tunnel(name, path, client)
+        finally:
+            self.tunnels.give()
+
+    def _tunnel(self, name: str, path: str, client: object) -> Response:
+        started = time.monotonic()
+        header = request.headers.get(ROUTE_RULE) or None
+        rule = header.strip().lower() if header else None
+        cookie = cookie_name(name)
+        key = RequestKey(client_ip(request.remote_addr or "", request.headers.get("X-Forwarded-For"),
+                                   self.trusted_proxies), request.cookies.get(cookie))
+        lifetime_s, idle_s = self.router.tunnel_bounds(name)
+        headers = self._upstream_headers() + [("Connection", "Upgrade"), ("Upgrade", request.headers["Upgrade"])]
+        url = upstream_target(request.environ, name)
+        pinned = rule is not None and rule not in (RANDOM, ROUND_ROBIN, SCALE_OUT)
+        lease = self.router.lease(name, rule, key, started=started)
+        try:
+            for attempt in (1, 2):
+                target = lease.target
+                try:
+                    upstream = self.pool.upgrade(target.host, target.port, "GET", url, headers,
+                                                 timeout=self.router.request_timeout(name))
+                    break
+                except UpstreamBadRequest as exc:
+                    lease.done(ok=True)  # nothing was sent: no fault of the instance
+                    raise AutoDeployError(errors.BAD_REQUEST, str(exc)) from None
+                except UpstreamTimeout as exc:
+                    lease.done(ok=False)
+                    raise AutoDeployError(errors.REQUEST_TIMEOUT, f"{target.id}: {exc}") from None
+                except UpstreamConnectError as exc:
+                    lease.unreachable()  # nothing was sent: another instance may take it
+                    if pinned or attempt == 2:
+                        raise AutoDeployError(errors.ROUTE_TARGET_NOT_FOUND if pinned else errors.UPSTREAM_FAILED,
+                                              f"{target.id}: {exc}") from None
+                    lease = self.router.lease(name, rule if rule in (RANDOM, ROUND_ROBIN) else None, key,
+                                              avoid=frozenset({target.id}), started=started)
+                except UpstreamBadResponse as exc:
+                    lease.done(ok=False)
+                    raise AutoDeployError(errors.UPSTREAM_BAD_RESPONSE, f"{target.id}: {exc}") from None
+                except OSError as exc:
+                    lease.done(ok=False)
+                    raise AutoDeployError(errors.UPSTREAM_FAILED, f"{target.id}: {exc}") from exc
+            else:
+                raise AssertionError("unreachable")
+            set_cookie = None
+            if rule is None and key.cookie != target.id and self.router.sticky(name):
+                set_cookie = f"{cookie}={target.id}; Path=/d/{name}; HttpOnly; SameSite=Lax"
+            if upstream.status != 101:  # the instance refused the upgrade: its answer goes back as is
+                return self._response(upstream, lease, set_cookie)
+            extra = [(ROUTE_TARGET, target.id), ("Deploy-Revision", str(target.revision))]
+            if set_cookie is not None:
+                extra.append(("Set-Cookie", set_cookie))
+            lookup = {k.lower(): v for k, v in upstream.headers}
+            drop = HOP_BY_HOP | {t.strip().lower() for t in lookup.get("connection", "").split(",") if t.strip()}
+            instance = upstream.detach()
+            end = None
+            try:
+                client.sendall(response_head(upstream.headers, drop, extra))  # type: ignore[attr-defined]
+                end = pump(client, instance, lifetime_s, idle_s)  # type: ignore[arg-type]
+            except OSError as exc:
+                log.info("websocket to %s: the client went away before the tunnel opened: %s", target.id, exc)
+            finally:
+                instance.close()
+                # No latency sample: a tunnel's length says nothing about the instance's speed.
+                lease.started = None  # type: ignore[assignment]
+                lease.done(ok=True, status=101)
+        except BaseException:
+            lease.done(ok=False)  # a no-op when it was released above
+            raise
+        if end is not None and end.reason != "closed":
+            log.info("websocket tunnel to %s closed: %s (%d bytes up, %d down)", target.id, end.reason,
+                     end.up_bytes, end.down_bytes)
+        return Hijacked()
 
     def _upstream_headers(self) -> list[tuple[str, str]]:
         drop = _hop_by_hop(request.headers) | {"host", ROUTE_RULE.lower(), "content-length",
@@ -264,7 +367,8 @@ def create_app(ipc_path: str | None = None, counters_path: str | None = None, co
     ipc = control if control is not None else IpcClient(ipc_path or os.environ["AUTODEPLOY_IPC"])
     metrics = GatewayMetrics()
     router = Router(ipc, SharedCounters(counters_path), acquire_timeout, SharedInflight(inflight_path), metrics)
-    proxy = Proxy(router, connect_timeout=5.0, read_timeout=None, trusted_proxies=trusted)
+    proxy = Proxy(router, connect_timeout=5.0, read_timeout=None, trusted_proxies=trusted,
+                  max_tunnels=int(os.environ.get("AUTODEPLOY_MAX_TUNNELS", "48")))
     app = Flask("autodeploy-gateway")
     app.url_map.converters["anypath"] = AnyPath
     app.url_map.merge_slashes = False  # `//x` is the instance's business, not a 308 HTML redirect
@@ -297,6 +401,11 @@ def create_app(ipc_path: str | None = None, counters_path: str | None = None, co
     @app.route("/d/<name>/<anypath:path>", methods=METHODS)
     def endpoint(name: str, path: str = "") -> Response:
         return proxy.forward(name, path)
+
+    # werkzeug routes a WebSocket handshake only to rules marked websocket=True (other
+    # rules answer 400 to it), so the endpoint is declared for both kinds of request.
+    app.add_url_rule("/d/<name>", "endpoint_ws", endpoint, websocket=True, strict_slashes=False)
+    app.add_url_rule("/d/<name>/<anypath:path>", "endpoint_ws_path", endpoint, websocket=True)
 
     @app.get("/api/deployments")
     def deployments() -> Response:

@@ -36,7 +36,7 @@ import psutil
 
 from controller import errors
 from controller.errors import AutoDeployError
-from gateway.haproxy_config import (Backend, Server, Settings, backend_name, backend_of, render,
+from gateway.haproxy_config import (WAKE_LUA, Backend, Server, Settings, backend_name, backend_of, render,
                                     revision_map_text, server_options, servers_of)
 from gateway.haproxy_runtime import RequestLog, RuntimeApi, ServerStat
 
@@ -217,9 +217,11 @@ class HaproxyDataPlane:
         self.settings = Settings(**{**settings.__dict__, "socket_path": str(rdir / "haproxy.sock"),
                                     "log_path": str(rdir / "haproxy-log.sock"),
                                     "revision_map": str(state_dir.resolve() / "haproxy" / "revisions.map"),
+                                    "lua_path": str(state_dir.resolve() / "haproxy" / "wake.lua"),
                                     "pid_file": ""})
         self.api = RuntimeApi(self.settings.socket_path)
         self.process = HaproxyProcess(binary, state_dir.resolve(), self.api)
+        Path(self.settings.lua_path).write_text(WAKE_LUA)  # loaded by the rendered config (lua-load)
         self._sync = sync
         self.requests = RequestLog(self.settings.log_path)
         self._backends: dict[str, Backend] | None = None  # None: the running config is unknown

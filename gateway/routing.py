@@ -161,6 +161,15 @@ class Router:
         """stickySessions of a deployment (False once it is gone from the snapshot)."""
         return bool(self._snapshot["deployments"].get(name, {}).get("sticky"))
 
+    def protocol(self, name: str) -> str:
+        """spec.protocol of a deployment ("http" for one this snapshot does not know)."""
+        return str(self._snapshot["deployments"].get(name, {}).get("protocol", "http"))
+
+    def tunnel_bounds(self, name: str) -> tuple[float, float]:
+        """(spec.tunnelTimeout, spec.tunnelIdleTimeout) of a deployment, in seconds."""
+        dep = self._snapshot["deployments"].get(name, {})
+        return float(dep.get("tunnel_timeout", 3600.0)), float(dep.get("tunnel_idle_timeout", 300.0))
+
     def wait_synced(self, timeout: float) -> bool:
         return self._synced.wait(timeout)
 

@@ -43,9 +43,11 @@ class UpstreamBadRequest(ValueError):
 class _Conn:
     __slots__ = ("sock", "rfile", "reused")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, buffered: bool = True) -> None:
         self.sock = sock
-        self.rfile = sock.makefile("rb", buffering=CHUNK)
+        # Unbuffered: an upgrade's answer head is read byte by byte, so the first bytes of
+        # the new protocol that follow a 101 stay on the socket for the tunnel.
+        self.rfile = sock.makefile("rb", buffering=CHUNK if buffered else 0)
         self.reused = False
 
     def close(self) -> None:
@@ -142,14 +144,46 @@ class UpstreamPool:
                 raise
         raise AssertionError("unreachable")
 
-    def _fresh(self, key: tuple[str, int]) -> _Conn:
+    def upgrade(self, host: str, port: int, method: str, target: str, headers: list[tuple[str, str]],
+                timeout: float) -> "UpstreamResponse":
+        """Send a bodiless upgrade request on a new connection (never pooled). On a 101 the
+        caller takes the socket with `detach()`; any other answer is a normal response whose
+        connection is closed after its body. `timeout` bounds the connect and each read/write."""
+        if any(c in target for c in " \r\n\t\0"):
+            raise UpstreamBadRequest(f"request target {target[:80]!r} holds a space or control character")
+        head = [f"{method} {target} HTTP/1.1\r\nHost: {host}:{port}\r\n"]
+        head += [f"{k}: {v}\r\n" for k, v in headers]
+        head.append("\r\n")
+        try:
+            head_bytes = "".join(head).encode("latin-1")
+        except UnicodeEncodeError as exc:
+            raise UpstreamBadRequest(f"a header holds a character HTTP/1.1 cannot carry: {exc}") from None
+        key = (host, port)
+        conn = self._fresh(key, buffered=False)
+        conn.sock.settimeout(timeout)
+        try:
+            conn.sock.sendall(head_bytes)
+            resp = UpstreamResponse.read(self, key, conn, method, time.monotonic() + timeout)
+        except socket.timeout:
+            conn.close()
+            raise UpstreamTimeout(f"no answer to the upgrade from {host}:{port} within {timeout:g} s") from None
+        except BaseException:
+            conn.close()
+            raise
+        if resp.status != 101:
+            conn.rfile.close()
+            conn.rfile = conn.sock.makefile("rb", buffering=CHUNK)  # the head was read exactly
+            resp._keep = False
+        return resp
+
+    def _fresh(self, key: tuple[str, int], buffered: bool = True) -> _Conn:
         try:
             sock = socket.create_connection(key, timeout=self.connect_timeout)
         except OSError as exc:
             raise UpstreamConnectError(f"connect to {key[0]}:{key[1]} failed: {exc}") from exc
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(self.read_timeout)
-        return _Conn(sock)
+        return _Conn(sock, buffered)
 
 
 def _send_stream(sock: socket.socket, body: Iterable[bytes], chunked: bool) -> None:
@@ -267,6 +301,13 @@ class UpstreamResponse:
 
     def read_all(self) -> bytes:
         return b"".join(self.stream())
+
+    def detach(self) -> socket.socket:
+        """Hand the connection's socket to the caller (after a 101: the tunnel owns it now)."""
+        conn, self._conn = self._conn, None
+        assert conn is not None, "response already released"
+        conn.rfile.close()  # the socket stays open: makefile objects only hold a reference
+        return conn.sock
 
     def release(self) -> None:
         """Return the connection to the pool if the body was read to its end, else close it."""

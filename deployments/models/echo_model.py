@@ -8,6 +8,9 @@ It behaves like a model server for the examples, tests and benchmarks:
   POST /v1/audio/speech   returns a small WAV-shaped body (the TTS example's route)
   POST /upload            streams the body, returns its length and sha256
   GET  /stream?n=5&ms=50  server-sent events, one every ms milliseconds
+  GET  /stream?n=5&lockstep=T   event i+1 is sent only once /admin/ack?token=T&i=i arrived (10 s at
+                          most); each event says whether the previous one was acknowledged in time,
+                          which proves every event reached the client before the next was sent
   GET  /slow?ms=200       answers after ms milliseconds
   GET  /status/<code>     answers with that status code (errors pass through the gateway)
   GET  /admin/health?fail=1   make /health answer 503 from now on (fail=0 heals it)
@@ -24,6 +27,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
@@ -32,6 +36,8 @@ INSTANCE = os.environ.get("AUTODEPLOY_INSTANCE_ID", "local")
 # Per-process switches for tests and benchmarks (see /admin/... above).
 ADMIN = {"health_fail": False, "delay_ms": 0.0, "error_status": 0}
 ERROR_STATUS = 0
+ACKS: dict[str, int] = {}  # lockstep token -> highest event index the client acknowledged
+ACKED = threading.Condition()
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -103,6 +109,12 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/admin/errors":
             ADMIN["error_status"] = int(query.get("status", 500))
             return self._json(200, {"instance": INSTANCE, **ADMIN})
+        if path == "/admin/ack":
+            with ACKED:
+                token = query.get("token", "")
+                ACKS[token] = max(ACKS.get(token, -1), int(query.get("i", 0)))
+                ACKED.notify_all()
+            return self._json(200, {"instance": INSTANCE, "acked": ACKS[token]})
         if path == "/health":
             if ADMIN["health_fail"]:
                 return self._send(503, b"failing on purpose", "text/plain")
@@ -143,11 +155,16 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Transfer-Encoding", "chunked")
             self.send_header("X-Instance", INSTANCE)
             self.end_headers()
+            token, prev_acked = query.get("lockstep"), True
             for i in range(n):
-                event = f"data: {json.dumps({'i': i, 't': time.time()})}\n\n".encode()
+                event = f"data: {json.dumps({'i': i, 't': time.time(), 'prev_acked': prev_acked})}\n\n".encode()
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
                 self.wfile.flush()
-                time.sleep(ms / 1000)
+                if token is None:
+                    time.sleep(ms / 1000)
+                    continue
+                with ACKED:
+                    prev_acked = ACKED.wait_for(lambda: ACKS.get(token, -1) >= i, timeout=10.0)
             self.wfile.write(b"0\r\n\r\n")
             return None
         if path == "/slow":
