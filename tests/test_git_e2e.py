@@ -42,6 +42,16 @@ def install_readme_hook(remote: Remote, url: str) -> None:
     path.chmod(0o755)
 
 
+def dashboard(served, path: str) -> str:
+    """A dashboard page, logged in with serve's admin token as a browser would be."""
+    import requests
+    with requests.Session() as browser:
+        assert browser.get(f"{served.url}/ui/login", params={"token": served.token}, timeout=30).status_code == 200
+        resp = browser.get(served.url + path, timeout=30)
+        assert resp.status_code == 200, resp.text[:500]
+        return resp.text
+
+
 def start(serve, remote: Remote):
     return serve({}, "--git-repo", remote.url, "--git-interval", "1s", folder=False)
 
@@ -82,6 +92,9 @@ def test_serve_follows_a_branch_applies_refuses_and_reverts_commits(serve, tmp_p
     assert any(e["kind"] == "refused" and bad[:12] in e["message"] for e in source["events"])
     assert serving_revision(served) == "2" and served.status("hello")["model"]["version"] == "v2"
     assert "refused commit" in cli(served, "status")
+    page = dashboard(served, "/ui/")
+    assert f"Refused commit <code>{bad[:12]}</code> typo in hello" in page and bump[:12] in page
+    assert "deployments/hello.yaml:9: unknown key" in page
 
     # Reverting the typo and then the bump rolls back: the revert is just a new revision.
     remote.revert(bad)
@@ -94,6 +107,7 @@ def test_serve_follows_a_branch_applies_refuses_and_reverts_commits(serve, tmp_p
     history = served.get("/api/deployments/hello/history").json()["revisions"]
     assert [(r["number"], r["commit"]["sha"], r["commit"]["subject"]) for r in history] == [
         (1, first, "add hello"), (2, bump, "hello v2"), (3, revert, 'Revert "hello v2"')]
+    assert f"at commit <code>{revert[:12]}</code> Revert" in dashboard(served, "/ui/d/hello")
     out = cli(served, "history", "hello")
     assert revert[:12] in out and 'Revert "hello v2"' in out and "Ada Lovelace" in out
 
@@ -132,6 +146,7 @@ def test_serve_follows_a_force_push_and_keeps_serving_while_the_repo_is_unreacha
     for _ in range(5):
         assert serving_revision(served) == "3"
     assert "fetch failing" in cli(served, "status")
+    assert 'id="fetch-error">Fetch failing' in dashboard(served, "/ui/")
     away.rename(remote.bare)
     resp = served.post("/api/git/sync")
     assert resp.status_code == 200 and resp.json()["last_fetch_error"] is None
