@@ -175,7 +175,7 @@ def cmd_describe(args: argparse.Namespace) -> int:
         st = i["start"]
         print(f"  {i['id']}  now {st['current_words']} ({ms(st['current_for_ms'])}); {phases_text(st)}")
     for st in recent:
-        outcome = "" if st["outcome"] != "failed" else "  FAILED"
+        outcome = f"  {st['outcome'].upper()}" if st["outcome"] in ("failed", "cancelled") else ""
         kind = "cold" if st["cold"] else st["reason"]
         print(f"  {st['instance']}  {ago(st['requested_at'], now)} ({kind}){outcome}: {phases_text(st)}")
     ro = dep.get("rollout")

@@ -38,7 +38,7 @@ class StartRecord:
     requested_at: float
     want_first_byte: bool
     marks: dict[str, float] = field(default_factory=dict)
-    outcome: str | None = None  # ready | served | failed
+    outcome: str | None = None  # ready | served | failed | cancelled
     finished_at: float | None = None
 
     def current(self) -> str | None:
@@ -145,10 +145,13 @@ class ColdStarts:
                 if rec.outcome is None and "health" in rec.marks and now - rec.marks["health"] > FIRST_BYTE_WAIT_S:
                     self._finish(rec, "ready", rec.marks["health"])
 
-    def forget(self, live_instances: set[str], live_deployments: set[str]) -> None:
+    def forget(self, live_instances: set[str], live_deployments: set[str], now: float | None = None) -> None:
         with self._lock:
-            for iid in [i for i, r in self.live.items() if i not in live_instances and r.outcome is not None]:
-                del self.live[iid]
+            for iid in [i for i in self.live if i not in live_instances]:
+                rec = self.live.pop(iid)
+                if rec.outcome is None:  # stopped while starting (shutdown, removal): not a start time
+                    rec.outcome, rec.finished_at = "cancelled", now if now is not None else rec.requested_at
+                    self.recent.setdefault(rec.deployment, deque(maxlen=RECENT)).append(rec)
             for dep in [d for d in self.recent if d not in live_deployments]:
                 del self.recent[dep]
             for key in [k for k in self.hist if k[0] not in live_deployments]:
@@ -167,7 +170,7 @@ class ColdStarts:
         """ms of the slowest successful start that finished at or after `since`."""
         with self._lock:
             totals = [r.total_ms() for r in self.recent.get(deployment, ())
-                      if r.outcome != "failed" and (r.finished_at or 0) >= since]
+                      if r.outcome in ("ready", "served") and (r.finished_at or 0) >= since]
         vals = [t for t in totals if t is not None]
         return max(vals) if vals else None
 

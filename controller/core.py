@@ -472,7 +472,7 @@ class Controller:
             self.alerts.step(now)
             self.coldstarts.expire(now)
             self.traffic.forget({i for rt in self.deps.values() for i in rt.instances}, set(self.deps))
-            self.coldstarts.forget({i for rt in self.deps.values() for i in rt.instances}, set(self.deps))
+            self.coldstarts.forget({i for rt in self.deps.values() for i in rt.instances}, set(self.deps), now)
 
     def _reconcile(self, rt: DepRuntime, inflight: dict[str, int], now: float) -> None:
         rolling = self.rollouts.drive(rt, now)  # a rollout in progress owns the instance count

@@ -111,3 +111,15 @@ def test_a_failing_status_line_names_the_error_and_the_last_log_line():
                                 "boom: weights missing")
     assert brief_error("one line") == "one line" and brief_error(None) == ""
     assert len(brief_error("x" * 1000)) == 240
+
+
+def test_a_start_cut_short_by_a_stop_is_recorded_as_cancelled_and_forgotten():
+    cs = ColdStarts()
+    cs.begin("a", "dep", "cold start", queued_since=0.0, now=0.0)
+    cs.mark("a", "create", 0.5)
+    cs.forget(set(), {"dep"}, now=1.0)
+    assert cs.of("a", 1.0) is None
+    assert [r["outcome"] for r in cs.recent_of("dep", 1.0)] == ["cancelled"]
+    assert cs.slowest_since("dep", 0) is None  # not a cold-start time
+    cs.forget(set(), set(), now=2.0)
+    assert cs.recent_of("dep", 2.0) == [] and cs.histograms()["series"] == []
