@@ -137,7 +137,8 @@ def test_events_list_follow_and_json(served):
         follow.wait(10)
 
 
-def test_top_once_lists_every_instance(served):
+def test_top_read_commands_in_json_version_and_bash_completion(served):
+    """Read-only commands against one serve: top, --output json everywhere, --version, completion."""
     s = served
     s.wait_for(lambda: s.status("hello")["status"] == "Running", what="hello running")
     for _ in range(5):
@@ -148,19 +149,11 @@ def test_top_once_lists_every_instance(served):
         assert col in text
     rows = json.loads(cli("top", "--once", "--output", "json", url=s.url).stdout)
     assert any(r["deployment"] == "hello" and r["state"] == "ready" for r in rows)
-
-
-def test_read_commands_take_output_json(served):
-    s = served
-    s.wait_for(lambda: s.status("hello")["status"] == "Running", what="hello running")
     assert json.loads(cli("history", "hello", "--output", "json", url=s.url).stdout)["revisions"][0]["number"] == 1
     assert json.loads(cli("rollout", "status", "hello", "-o", "json", url=s.url).stdout)["rollout"] is None
     assert json.loads(cli("diff", "--output", "json", url=s.url).stdout) == []
     assert "gpus" in json.loads(cli("gpus", "--output", "json").stdout)
 
-
-def test_version_and_bash_completion_of_commands_options_and_live_names(served):
-    s = served
     assert re.fullmatch(r"autodeploy \d+\.\d+\.\d+\n", cli("--version").stdout)
     script = cli("completion", "bash").stdout
     probe = (f"source <({AUTODEPLOY} completion bash)\n"
