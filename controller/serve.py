@@ -79,6 +79,7 @@ def make_driver(name: str, opts: ServeOptions, stack: StackConfig, store: Store,
         # `autodeploy logs` reads which engine each node is from the state dir.
         write_nodes_file(opts.state_dir, effective_nodes(stack))
         return DockerDriver(base_url=stack.docker_host, nodes=stack.nodes or None, inventory=inventory,
+                            owner=f"{socket.gethostname()}:{opts.state_dir.resolve()}",
                             on_event=lambda node, kind, msg: store.event(f"node:{node}", kind, msg))
     if name == "pulumi":
         from controller.drivers.pulumi import PulumiDriver

@@ -82,14 +82,16 @@ def test_readiness_polls_tightly_at_first_then_relaxes():
 
 
 def test_a_crash_holds_requests_until_the_restart_and_a_crash_loop_rejects():
-    held = decide_acquire(None, Capacity((), (), (), 0, 3, 0, 10, backoff_until=5.0, failures=1), now=2.0)
+    def crashed(failures: int, waiting: int = 0, was_crash: bool = True) -> Capacity:
+        return Capacity((), (), (), 0, 3, waiting, 10, backoff_until=5.0, failures=failures, crashed=was_crash)
+    held = decide_acquire(None, crashed(1), now=2.0)
     assert (held.action, held.instance, held.until) == ("wait", None, 5.0)
-    assert decide_acquire(None, Capacity((), (), (), 0, 3, 0, 10, backoff_until=5.0, failures=1),
-                          now=5.0).action == "start"
-    loop = decide_acquire(None, Capacity((), (), (), 0, 3, 0, 10, backoff_until=5.0, failures=CRASH_LOOP_AFTER),
-                          now=2.0)
+    assert decide_acquire(None, crashed(2), now=5.0).action == "start"
+    loop = decide_acquire(None, crashed(CRASH_LOOP_AFTER), now=2.0)
     assert loop.error is errors.INSTANCE_START_FAILED and loop.retry_after == 3.0
     assert "3 failures in a row" in loop.reason
-    full = decide_acquire(None, Capacity((), (), (), 0, 3, 10, 10, backoff_until=5.0, failures=1), now=2.0)
-    assert full.error is errors.QUEUE_FULL
-    assert [hold_through_failure(n) for n in range(5)] == [True, True, True, False, False]
+    assert decide_acquire(None, crashed(1, waiting=10), now=2.0).error is errors.QUEUE_FULL
+    cold = decide_acquire(None, crashed(1, was_crash=False), now=2.0)  # a failed cold start: no hold
+    assert cold.error is errors.INSTANCE_START_FAILED
+    assert [hold_through_failure(n, True) for n in range(5)] == [True, True, True, False, False]
+    assert not hold_through_failure(1, False)

@@ -29,6 +29,9 @@ class Instance:
     log_path: str | None = None
     notes: list[str] = field(default_factory=list)  # what the driver could not honour, for events
     node: str | None = None  # the Docker host it runs on (docker driver with several nodes)
+    # Which serve started it (its state dir), as its process environment or container label
+    # says: what `discover` finds with our owner is adopted or stopped, never left orphaned.
+    owner: str | None = None
 
 
 @dataclass(frozen=True)

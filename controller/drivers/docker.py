@@ -42,6 +42,7 @@ LABEL_REVISION = "autodeploy.revision"
 LABEL_GPUS = "autodeploy.gpus"
 # The container port, so `discover` knows which published port is the instance's.
 LABEL_PORT = "autodeploy.port"
+LABEL_OWNER = "autodeploy.owner"  # the state dir of the serve that started it
 
 HOST = "127.0.0.1"
 DECLARED_PREFIX = "declared-"
@@ -73,7 +74,7 @@ def storage_support(info: dict[str, Any]) -> str | None:
 
 
 def container_config(dep: Deployment, instance_id: str, gpu_ids: list[str],
-                     limit_storage: bool = True, bind_ip: str = HOST) -> dict[str, Any]:
+                     limit_storage: bool = True, bind_ip: str = HOST, owner: str | None = None) -> dict[str, Any]:
     """Keyword arguments for `client.containers.create` that make one instance of `dep`.
 
     Pure: the same inputs give the same container, so tests can inspect what `start`
@@ -103,6 +104,7 @@ def container_config(dep: Deployment, instance_id: str, gpu_ids: list[str],
             LABEL_REVISION: dep.revision,
             LABEL_GPUS: ",".join(gpu_ids),
             LABEL_PORT: str(dep.port),
+            **({LABEL_OWNER: owner} if owner else {}),
         },
         # A free host port on the node's address only (loopback for the local engine).
         "ports": {f"{dep.port}/tcp": (bind_ip, None)},
@@ -209,8 +211,9 @@ class DockerDriver:
                  nodes: Sequence[NodeConfig] | None = None, inventory: Any = None,
                  on_event: Callable[[str, str, str], None] | None = None,
                  ping_interval: float = 1.0, ping_timeout: float = 3.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, owner: str | None = None) -> None:
         self.base_url = base_url
+        self.owner = owner  # labels our containers, so a serve that lost its store finds its own
         self.timeout = timeout
         self.ping_timeout = ping_timeout
         self.clock = clock
@@ -343,7 +346,7 @@ class DockerDriver:
                          node: str | None = None) -> dict[str, Any]:
         engine = self._engine_of(node=node)
         return container_config(dep, instance_id, gpu_ids, limit_storage=engine.storage_note is None,
-                                bind_ip=bind_address(engine.node.address))
+                                bind_ip=bind_address(engine.node.address), owner=self.owner)
 
     # ------------------------------------------------------------------ instances
     def start(self, dep: Deployment, instance_id: str, gpu_ids: list[str], node: str | None = None) -> Instance:
@@ -578,7 +581,7 @@ def _instance_from(attrs: dict[str, Any], node: NodeConfig | None = None) -> Ins
                     port=_published_port(attrs, container_port),
                     started_at=_parse_time(state.get("StartedAt")) or 0.0,
                     container_id=attrs.get("Id"), gpu_ids=[g for g in gpus.split(",") if g],
-                    node=node.name if node else None)
+                    node=node.name if node else None, owner=labels.get(LABEL_OWNER))
 
 
 def _published_port(attrs: dict[str, Any], container_port: int) -> int:

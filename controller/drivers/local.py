@@ -45,6 +45,7 @@ class LocalDriver:
 
     def __init__(self, state_dir: Path, workdir: Path, umask: int | None = None) -> None:
         self.state_dir = state_dir.resolve()
+        self.owner = str(self.state_dir)
         self.log_dir = state_dir / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
@@ -144,7 +145,7 @@ class LocalDriver:
                                   pid_create_time=proc.info["create_time"],
                                   gpu_ids=[g if g.startswith("GPU-") else f"declared-{g}"
                                            for g in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if g],
-                                  log_path=str(log_path) if log_path.exists() else None)
+                                  log_path=str(log_path) if log_path.exists() else None, owner=mine)
         return sorted(found.values(), key=lambda i: i.started_at)
 
     def owns_listener(self, inst: Instance) -> bool | None:

@@ -18,8 +18,9 @@ ROUND_ROBIN = "round-robin"
 RESERVED_RULES = (SCALE_OUT, RANDOM, ROUND_ROBIN)
 
 
-# A crash is not a crash loop: until this many starts in a row have failed, requests that
-# arrive while a restart backs off are held (as at a cold start) rather than failed.
+# A crash is not a crash loop: after a ready instance crashed, requests that arrive while
+# its restart backs off are held (as at a cold start) rather than failed, until this many
+# failures in a row (the crash, then failed restarts) make it a crash loop.
 CRASH_LOOP_AFTER = 3
 
 
@@ -35,7 +36,8 @@ class Capacity:
     queue_limit: int
     backoff_until: float  # restarts back off after failures until then
     running: bool = True  # spec.state == running
-    failures: int = CRASH_LOOP_AFTER  # consecutive failed starts (or crashes with no ready since)
+    failures: int = 0  # consecutive failures (crashes and failed starts) with no ready instance since
+    crashed: bool = False  # the failures began with a ready instance crashing (not a failed cold start)
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,7 @@ def _wait(cap: Capacity, instance: str | None, reason: str) -> AcquireDecision:
 
 def _start_or_backoff(cap: Capacity, now: float, reason: str) -> AcquireDecision:
     if now < cap.backoff_until:
-        if cap.failures < CRASH_LOOP_AFTER:
+        if hold_through_failure(cap.failures, cap.crashed):
             if cap.waiting >= cap.queue_limit:
                 return AcquireDecision.reject(errors.QUEUE_FULL, f"{cap.waiting} requests already held",
                                               retry_after=1.0)
@@ -113,9 +115,10 @@ def _start_or_backoff(cap: Capacity, now: float, reason: str) -> AcquireDecision
     return AcquireDecision("start", reason=reason)
 
 
-def hold_through_failure(failures: int) -> bool:
-    """A request waiting on a start that failed: hold it for the next try, or fail it (1003)?"""
-    return failures < CRASH_LOOP_AFTER
+def hold_through_failure(failures: int, crashed: bool) -> bool:
+    """Hold a request through a failure (for the next start), or fail it (1003)? Held only
+    after a crash of a ready instance, and only until that becomes a crash loop."""
+    return crashed and failures < CRASH_LOOP_AFTER
 
 
 def restart_backoff(failures: int, base: float = 1.0, cap: float = 60.0) -> float:
