@@ -118,7 +118,9 @@ class NodeWatch:
             return False
         with ctrl._cv:
             known = {i for rt in ctrl.deps.values() for i in rt.instances}
-            stale = {i.id: i for i in found if i.id not in known}
+            # Another serve's containers on a shared engine are its business, not ours.
+            owner = getattr(ctrl.driver, "owner", None)
+            stale = {i.id: i for i in found if i.id not in known and (owner is None or i.owner in (None, owner))}
             wants = {}
             for name, rt in ctrl.deps.items():
                 if rt.removed or rt.spec.state != "running":
