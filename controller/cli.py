@@ -47,7 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stack", default="dev", help="stack config stacks/Pulumi.<stack>.yaml (default dev)")
     p.add_argument("--project-dir", type=Path, default=Path("."), help="where Pulumi.yaml is (default .)")
     p.add_argument("--workers", type=int, default=2, help="gunicorn worker processes (default 2)")
-    p.add_argument("--threads", type=int, default=64, help="threads per worker (default 64)")
+    p.add_argument("--threads", type=int, default=64, help="threads per worker, gthread only (default 64)")
+    p.add_argument("--worker-class", choices=["gevent", "gthread"], default="gevent",
+                   help="gunicorn worker: gevent (default; a greenlet per request, thousands of open "
+                        "requests) or gthread (a thread per request)")
+    p.add_argument("--worker-connections", type=int, default=4096,
+                   help="open connections per gevent worker (default 4096)")
     p.add_argument("--queue-limit", type=int, default=256,
                    help="requests held per deployment while instances start (default 256)")
     p.add_argument("--queue-timeout", type=float, default=300.0,
@@ -129,7 +134,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         deployments=args.deployments.resolve() if args.deployments else None,
                         state_dir=(args.state_dir.resolve() if args.state_dir
                                    else state_dir_of(args.project_dir.resolve(), args.stack)), host=args.host, port=args.port, driver=args.driver,
-                        workers=args.workers, threads=args.threads, queue_limit=args.queue_limit,
+                        workers=args.workers, threads=args.threads, worker_class=args.worker_class,
+                        worker_connections=args.worker_connections, queue_limit=args.queue_limit,
                         queue_timeout=args.queue_timeout, graceful_timeout=args.graceful_timeout,
                         trusted_proxies=tuple(args.trusted_proxy), git_repo=args.git_repo,
                         git_branch=args.git_branch, git_path=args.git_path, git_interval=args.git_interval,

@@ -52,7 +52,11 @@ class ServeOptions:
     port: int | None
     driver: str | None
     workers: int = 2
-    threads: int = 64
+    threads: int = 64  # gthread workers only
+    # gevent: each request is a greenlet, so thousands of held, hung or streaming requests
+    # and slow clients cost memory, not a thread each (gthread: workers x threads at most).
+    worker_class: str = "gevent"
+    worker_connections: int = 4096
     queue_limit: int = 256
     queue_timeout: float = 300.0
     graceful_timeout: float = 30.0
@@ -115,6 +119,13 @@ def _choose_data_plane(requested: str | None) -> tuple[str, str]:
         return choose_data_plane(requested, haproxy_version(binary), binary)
     except AutoDeployError as exc:
         raise SystemExit(f"error {exc.error.code}: {exc.message}") from None
+
+
+def _worker_args(o: ServeOptions) -> list[str]:
+    if o.worker_class == "gevent":
+        return ["--worker-class", "gateway.gevent_worker.GeventWorker", "--worker-connections",
+                str(o.worker_connections)]
+    return ["--worker-class", "gthread", "--threads", str(o.threads)]
 
 
 def _die_with_parent() -> None:
@@ -316,7 +327,7 @@ class Server:
                 os.unlink(stale)
         cmd = [sys.executable, "-m", "gunicorn", "gateway.wsgi:app", "--bind", f"{host}:{port}",
                "-c", "python:gateway.gunicorn_conf",
-               "--workers", str(o.workers), "--worker-class", "gthread", "--threads", str(o.threads),
+               "--workers", str(o.workers), *_worker_args(o),
                "--graceful-timeout", str(max(1, int(o.graceful_timeout))), "--keep-alive", "75",
                "--log-level", "warning", "--error-logfile", "-"]
         env = dict(os.environ, AUTODEPLOY_IPC=self.ipc_path, AUTODEPLOY_COUNTERS=self.counters_path,
