@@ -775,5 +775,4 @@ def _proxy_fields(spec: Deployment) -> dict:
     """What the haproxy data plane renders a backend from (gateway/haproxy_config.backend_of)."""
     hc = spec.load_balancer.health_check
     return {"health": None if hc is None else {"path": hc.path, "interval": hc.interval_s, "timeout": hc.timeout_s,
-                                               "fall": hc.failure_threshold},
-            "request_timeout": getattr(spec, "request_timeout_s", None)}
+                                               "fall": hc.failure_threshold}}

@@ -233,7 +233,7 @@ class Server:
         log.info("stack %s, driver %s, GPU inventory from %s, %s", self.stack.name,
                  self.driver_name, self.inventory.source, self._describe_source())
         log.info("data plane %s: %s", self.data_plane_name, self.data_plane_why)
-        if self.data_plane_name == "python":
+        if self.data_plane_name == "python" or self._haproxy_master() is None:
             self._check_bind()  # before adopting anything: a port in use is a plain exit 1
         if self.store_problem is not None:
             log.error("%s", self.store_problem)
@@ -258,7 +258,11 @@ class Server:
         try:
             if self.data_plane_name == "haproxy":
                 self.gunicorn = self._spawn_gateway("127.0.0.1", self._activator_port())
-                self._start_haproxy()
+                try:
+                    self._start_haproxy()
+                except AutoDeployError as exc:
+                    log.error("error %s: %s", exc.error.code, exc.message)
+                    return 1
             else:
                 self.gunicorn = self._spawn_gateway(self.host, self.port)
             if self._wait_ready():
@@ -303,6 +307,13 @@ class Server:
             port = free_port()
             path.write_text(str(port))
         return port
+
+    def _haproxy_master(self) -> int | None:
+        """The HAProxy a previous serve left running on this state directory (it is adopted)."""
+        if self.data_plane_name != "haproxy":
+            return None
+        from gateway.haproxy_plane import running_master
+        return running_master(self.opts.state_dir)
 
     def _start_haproxy(self) -> None:
         from controller.ipc import IpcClient

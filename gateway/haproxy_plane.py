@@ -206,6 +206,11 @@ def _wait_gone(pid: int, timeout: float) -> bool:
         time.sleep(0.02)
 
 
+def running_master(state_dir: Path) -> int | None:
+    """The pid of the HAProxy master serving `state_dir`, or None."""
+    return HaproxyProcess("haproxy", state_dir.resolve(), RuntimeApi("")).master_pid()
+
+
 # ---------------------------------------------------------------------- the data plane
 class HaproxyDataPlane:
     def __init__(self, binary: str, state_dir: Path, settings: Settings,
@@ -293,6 +298,8 @@ class HaproxyDataPlane:
         backends = {name: backend_of(dep, name) for name, dep in deps.items()}
         desired = {name: servers_of(dep) for name, dep in deps.items()}
         changed = False
+        if self._backends is not None and self.process.master_pid() is None:
+            self._backends = None  # HAProxy is gone: start it again with everything
         if backends != self._backends:
             self._reload(backends, desired)
             changed = True
@@ -316,8 +323,12 @@ class HaproxyDataPlane:
     def _reload(self, backends: dict[str, Backend], desired: dict[str, list[Server]]) -> None:
         text = render(self.settings, backends.values(), desired)
         map_text = revision_map_text(desired)
-        self.process.reload(text, self.settings.revision_map, map_text)
-        log.info("HAProxy reloaded: backends %s", ", ".join(sorted(backends)) or "none")
+        if self.process.master_pid() is None:  # it died (or was killed): serve goes on with a new one
+            pid = self.process.start(text, self.settings.revision_map, map_text)
+            log.error("HAProxy was not running: started it again (master pid %s)", pid)
+        else:
+            self.process.reload(text, self.settings.revision_map, map_text)
+            log.info("HAProxy reloaded: backends %s", ", ".join(sorted(backends)) or "none")
         self._backends = dict(backends)
         self._map = self.api.show_map(self.settings.revision_map)
         self._stot.clear()

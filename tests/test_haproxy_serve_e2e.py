@@ -56,3 +56,17 @@ def test_data_plane_outlives_a_sigkilled_serve_and_the_next_serve_adopts_it(serv
     assert s2.get("/d/hello/whoami").headers[TARGET] == iid
     assert s2.terminate() == 0
     assert not psutil.pid_exists(master) or psutil.Process(master).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_killed_haproxy_is_started_again_with_its_servers(serve):
+    s = serve({"hello.yaml": deployment_yaml("hello")}, "--data-plane", "haproxy")
+    iid = s.get("/d/hello/whoami").headers[TARGET]
+    s.wait_for(lambda: any(st.name == iid for st in _api(s).show_stat()), what="server added to HAProxy")
+    old = _master(s)
+    for proc in [psutil.Process(old), *psutil.Process(old).children()]:
+        proc.kill()
+    s.wait_for(lambda: (s.state_dir / "haproxy" / "haproxy.pid").exists() and _master(s) != old
+               and any(st.name == iid for st in _api(s).show_stat()), timeout=30, what="HAProxy started again")
+    r = s.get("/d/hello/whoami")
+    assert r.status_code == 200 and r.headers[TARGET] == iid
+    assert "HAProxy was not running" in s.log()
