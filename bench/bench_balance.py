@@ -65,7 +65,7 @@ def main() -> None:
     files = {f"{name}.yaml": deployment(name, command, max_replicas=3,
                                         extra=f"  loadBalancer: {{algorithm: {algo}}}\n")
              for name, algo in (("rr", "round-robin"), ("lc", "least-connections"))}
-    serve = Serve(files, "--workers", "2")
+    serve = Serve(files, "--workers", "2", "--data-plane", "python")  # the Python gateway's balancing
     try:
         slow = {name: setup(serve, name, args.delay_ms) for name in ("rr", "lc")}
         results: dict[str, list[tuple[float, str]]] = {"rr": [], "lc": []}

@@ -74,8 +74,9 @@ def main() -> None:
     args = ap.parse_args()
 
     cmd = f"{PY} {ECHO} --port ${{PORT}}"
+    # The Python gateway itself (bench_dataplane.py puts both data planes side by side).
     serve = Serve({"echo.yaml": deployment("echo", cmd, max_replicas=args.cold_starts + 1),
-                   "burst.yaml": deployment("burst", cmd, max_replicas=5)})
+                   "burst.yaml": deployment("burst", cmd, max_replicas=5)}, "--data-plane", "python")
     direct_port = free_port()
     direct = spawn_echo(direct_port)
     try:
@@ -111,7 +112,7 @@ def main() -> None:
     def ms(v: float) -> str:
         return f"{v * 1e3:8.3f} ms"
 
-    print(f"host: {os.cpu_count()} cores; gateway: gunicorn gthread, 2 workers; backend: deployments/models/echo_model.py")
+    print(f"host: {os.cpu_count()} cores; gateway: gunicorn gevent, 2 workers; backend: deployments/models/echo_model.py")
     print()
     print(f"{'1 client, keep-alive, GET /health':40} {'direct':>12} {'gateway':>12} {'added':>12}")
     for p in (50, 99):

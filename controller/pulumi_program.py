@@ -19,6 +19,10 @@ Stack config read (namespace `autodeploy`):
 * `gatewayPort`, `gatewayHost`, `dockerHost`
 * `gatewayContainer` `true` (default): run the static gateway container; `false`: the
                      controller's own gateway (`autodeploy serve`) serves the endpoints
+* `dataPlane`        `haproxy` (default): an HAProxy container (the same generated config
+                     as `serve --data-plane haproxy`, gateway/haproxy_config.py) carries the
+                     endpoints and the static gateway container is its activator; `python`:
+                     the static gateway container carries everything
 """
 from __future__ import annotations
 
@@ -117,6 +121,7 @@ class ProgramConfig:
     gateway_container: bool = True
     nodes: tuple[Any, ...] = ()          # controller.stack.NodeConfig items (autodeploy:nodes)
     placements: dict[str, str] = field(default_factory=dict)  # slot -> node it keeps
+    data_plane: str = "haproxy"          # haproxy | python (autodeploy:dataPlane)
 
 
 # --- pure decisions ---------------------------------------------------------------------
@@ -359,6 +364,39 @@ def gateway_routes(deployments: Sequence[Deployment], plans: Sequence[ContainerP
     return {"version": 1, "deployments": routes}
 
 
+def haproxy_gateway_config(deployments: Sequence[Deployment], plans: Sequence[ContainerPlan],
+                           activator_host: str, addresses: Mapping[str, str] | None = None) -> str:
+    """The HAProxy container's config: `gateway/haproxy_config.render`, as `serve` renders
+    it, with each deployment's instances as static servers (the stack changes them with an
+    update) and the static gateway container as the activator."""
+    from gateway.haproxy_config import Server, Settings, backend_of, render
+    addresses = addresses or {}
+    backends, servers = [], {}
+    for dep in sorted(deployments, key=lambda d: d.name):
+        hc = dep.load_balancer.health_check
+        backends.append(backend_of({"algorithm": dep.load_balancer.algorithm,
+                                    "sticky": dep.load_balancer.sticky_sessions,
+                                    "request_timeout": dep.request_timeout_s,
+                                    "health": None if hc is None else {
+                                        "path": hc.path, "interval": hc.interval_s, "timeout": hc.timeout_s,
+                                        "fall": hc.failure_threshold}}, dep.name))
+        servers[dep.name] = []
+        for p in plans:
+            if p.deployment != dep.name:
+                continue
+            host, _, port = addresses.get(p.slot_name, p.network_address).rpartition(":")
+            servers[dep.name].append(Server(p.slot_name, host, int(port)))
+    settings = Settings(bind_host="0.0.0.0", bind_port=GATEWAY_INTERNAL_PORT, activator_host=activator_host,
+                        activator_port=GATEWAY_INTERNAL_PORT, socket_path="/tmp/haproxy.sock", maxconn=4096,
+                        docker_dns=True)
+    return render(settings, backends, servers)
+
+
+# The HAProxy container writes its config from the environment, then runs it in the foreground.
+HAPROXY_COMMAND = ["sh", "-c", 'printf "%s" "$HAPROXY_CONFIG" > /tmp/haproxy.cfg && '
+                               "exec haproxy -W -db -f /tmp/haproxy.cfg"]
+
+
 def instance_endpoint(docker_host: str | None) -> tuple[str, str]:
     """(IP to publish instance ports on, host the controller dials them at).
 
@@ -486,7 +524,16 @@ def read_config(config: Any) -> ProgramConfig:
         gateway_port=8080 if port is None else port,
         gateway_host=config.get("gatewayHost") or "127.0.0.1",
         docker_host=config.get("dockerHost"),
-        gateway_container=_bool(config.get("gatewayContainer"), "gatewayContainer", True))
+        gateway_container=_bool(config.get("gatewayContainer"), "gatewayContainer", True),
+        data_plane=_data_plane(config.get("dataPlane")))
+
+
+def _data_plane(value: str | None) -> str:
+    if value in (None, ""):
+        return "haproxy"
+    if value not in ("haproxy", "python"):
+        raise AutoDeployError(SPEC_INVALID, f"{NAMESPACE}:dataPlane must be haproxy or python, got {value!r}")
+    return value
 
 
 def load_deployments(deployments_dir: Path) -> list[Deployment]:
@@ -524,6 +571,7 @@ class ProgramResult:
     outputs: dict[str, Any]              # exported name -> value / Output
     providers: dict[str | None, Any] = field(default_factory=dict)  # node -> docker.Provider
     networks: dict[str | None, Any] = field(default_factory=dict)   # node -> its stack network
+    haproxy: Any | None = None           # the HAProxy container (autodeploy:dataPlane haproxy)
 
 
 def _inventory(cfg: ProgramConfig, nvml: Any | None) -> Inventory:
@@ -628,7 +676,7 @@ def program(project_dir: Path | None = None, nvml: Any | None = None) -> Program
             # The container name is fixed, so the old one must go before its replacement.
             opts=pulumi.ResourceOptions.merge(options[plan.node], pulumi.ResourceOptions(delete_before_replace=True)))
 
-    gateway_image = gateway = None
+    gateway_image = gateway = haproxy = None
     if cfg.gateway_container:
         gateway_image = docker.Image(
             "gateway-image", image_name=gateway_image_name(),
@@ -647,18 +695,43 @@ def program(project_dir: Path | None = None, nvml: Any | None = None) -> Program
         else:
             gateway_envs = [f"AUTODEPLOY_ROUTES={json.dumps(gateway_routes(deployments, plans), sort_keys=True)}",
                             bind_env]
+        published = [docker.ContainerPortArgs(internal=GATEWAY_INTERNAL_PORT, external=cfg.gateway_port,
+                                              ip=cfg.gateway_host)]
+        activator_name = f"autodeploy-gateway-{pulumi.get_stack()}"
         gateway = docker.Container(
-            "gateway", name=f"autodeploy-gateway-{pulumi.get_stack()}",
+            "gateway", name=activator_name,
             image=gateway_image.image_name,
             envs=gateway_envs,
-            ports=[docker.ContainerPortArgs(internal=GATEWAY_INTERNAL_PORT, external=cfg.gateway_port,
-                                            ip=cfg.gateway_host)],
+            # haproxy data plane: HAProxy publishes the gateway port; this one is its activator.
+            ports=published if cfg.data_plane == "python" else [],
             networks_advanced=[docker.ContainerNetworksAdvancedArgs(name=network.name)],
             labels=[docker.ContainerLabelArgs(label=f"{LABEL_PREFIX}managed", value="true"),
                     docker.ContainerLabelArgs(label=f"{LABEL_PREFIX}role", value="gateway")],
             restart="unless-stopped",
             opts=pulumi.ResourceOptions.merge(base, pulumi.ResourceOptions(
                 delete_before_replace=True, depends_on=list(containers.values()))))
+        if cfg.data_plane == "haproxy":
+            if cfg.nodes:
+                def _haproxy_env(ports: list[Any]) -> list[str]:
+                    addresses = {p.slot_name: f"{endpoints[p.node][1]}:{published_port(ps, p.port)}"
+                                 for p, ps in zip(plans, ports)}
+                    return [f"HAPROXY_CONFIG={haproxy_gateway_config(deployments, plans, activator_name, addresses)}"]
+                haproxy_envs: Any = pulumi.Output.all(*[containers[p.slot_name].ports for p in plans]) \
+                    .apply(_haproxy_env)
+            else:
+                haproxy_envs = [f"HAPROXY_CONFIG={haproxy_gateway_config(deployments, plans, activator_name)}"]
+            haproxy = docker.Container(
+                "haproxy", name=f"autodeploy-haproxy-{pulumi.get_stack()}",
+                image=gateway_image.image_name,
+                command=list(HAPROXY_COMMAND),
+                envs=haproxy_envs,
+                ports=published,
+                networks_advanced=[docker.ContainerNetworksAdvancedArgs(name=network.name)],
+                labels=[docker.ContainerLabelArgs(label=f"{LABEL_PREFIX}managed", value="true"),
+                        docker.ContainerLabelArgs(label=f"{LABEL_PREFIX}role", value="haproxy")],
+                restart="unless-stopped",
+                opts=pulumi.ResourceOptions.merge(base, pulumi.ResourceOptions(
+                    delete_before_replace=True, depends_on=[gateway])))
 
     def _instances_output(args: list[Any]) -> dict[str, Any]:
         by_dep: dict[str, list[dict[str, Any]]] = {}
@@ -682,4 +755,5 @@ def program(project_dir: Path | None = None, nvml: Any | None = None) -> Program
         pulumi.export(name, value)
     return ProgramResult(config=cfg, deployments=deployments, plans=plans, inventory=inventory, network=network,
                          containers=containers, envs=envs, gateway_image=gateway_image, gateway=gateway,
+                         haproxy=haproxy,
                          outputs=outputs, providers=providers, networks=networks)

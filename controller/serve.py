@@ -121,6 +121,16 @@ def _choose_data_plane(requested: str | None) -> tuple[str, str]:
         raise SystemExit(f"error {exc.error.code}: {exc.message}") from None
 
 
+def _haproxy_maxconn(wanted: int = 8192) -> int:
+    """HAProxy needs about two descriptors per connection and refuses to start when the
+    hard limit cannot give them: fit maxconn to this machine's limit."""
+    import resource
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY:
+        return wanted
+    return max(256, min(wanted, (hard - 200) // 2))
+
+
 def _worker_args(o: ServeOptions) -> list[str]:
     if o.worker_class == "gevent":
         return ["--worker-class", "gateway.gevent_worker.GeventWorker", "--worker-connections",
@@ -324,7 +334,7 @@ class Server:
         ipc = IpcClient(self.ipc_path)
         settings = Settings(bind_host=self.host, bind_port=self.port, activator_host="127.0.0.1",
                             activator_port=self._activator_port(), trusted_proxies=self.trusted_proxies,
-                            queue_timeout_s=self.opts.queue_timeout)
+                            queue_timeout_s=self.opts.queue_timeout, maxconn=_haproxy_maxconn())
         self.plane = HaproxyDataPlane(binary, self.opts.state_dir, settings, lambda **kw: ipc.call("sync", **kw))
         self.plane.start()
 

@@ -104,6 +104,9 @@ class Settings:
     queue_timeout_s: float = 300.0  # the activator holds cold requests this long
     hard_stop_after_s: float = 330.0  # an old process after a reload finishes streams within this
     lua_path: str = ""  # WAKE_LUA written here: h2c/gRPC requests held through a cold start
+    # Servers named by host name on a Docker network (the Pulumi stack's HAProxy container):
+    # resolved through Docker's DNS, and a name not resolvable yet does not stop HAProxy.
+    docker_dns: bool = False
 
 
 WAKE_HEADER = "X-Autodeploy-Wake"  # HAProxy's Lua asks the activator for an instance with it
@@ -264,10 +267,16 @@ def render(settings: Settings, backends: Iterable[Backend],
     w("    stats timeout 30s")
     w(f"    maxconn {int(s.maxconn)}")
     w(f"    hard-stop-after {_s(s.hard_stop_after_s)}")
-    w(f"    log {s.log_path} len 2048 format raw local0 info")
+    if s.log_path:
+        w(f"    log {s.log_path} len 2048 format raw local0 info")
     if s.lua_path:
         w(f"    lua-load {s.lua_path}")
     w("")
+    if s.docker_dns:
+        w("resolvers docker")
+        w("    nameserver dns 127.0.0.11:53")
+        w("    hold valid 10s")
+        w("")
     w("defaults")
     w("    mode http")
     w("    log global")
@@ -325,7 +334,7 @@ def render(settings: Settings, backends: Iterable[Backend],
     w("    http-request set-log-level silent")  # the activator reports its own metrics
     w(f"    http-request set-header {PEER_HEADER} %[src]")
     w(f"    timeout server {_s(s.queue_timeout_s + longest + 10)}")
-    w(f"    server {ACTIVATOR} {s.activator_host}:{int(s.activator_port)}")
+    w(f"    server {ACTIVATOR} {s.activator_host}:{int(s.activator_port)}{_dns(s)}")
     return "\n".join(out) + "\n"
 
 
@@ -376,9 +385,14 @@ def _backend(w, s: Settings, b: Backend, servers: Iterable[Server]) -> None:
         w(f'    http-response add-header Set-Cookie "{b.cookie}=%s; Path=/d/{b.name}; HttpOnly; SameSite=Lax" '
           "if !{ var(txn.sticky),strcmp(txn.srv) eq 0 }")
     w("    http-response set-header Deploy-Route-Target %s")
-    w(f"    http-response set-header Deploy-Revision %[srv_name,map({s.revision_map},0)]")
+    if s.revision_map:
+        w(f"    http-response set-header Deploy-Revision %[srv_name,map({s.revision_map},0)]")
     for srv in servers:
-        w(f"    server {srv.id} {srv.host}:{int(srv.port)} {server_options(b, srv.weight)}")
+        w(f"    server {srv.id} {srv.host}:{int(srv.port)} {server_options(b, srv.weight)}{_dns(s)}")
+
+
+def _dns(s: Settings) -> str:
+    return " resolvers docker init-addr last,libc,none" if s.docker_dns else ""
 
 
 def revision_map_text(servers: Mapping[str, Iterable[Server]]) -> str:

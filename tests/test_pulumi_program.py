@@ -91,7 +91,7 @@ class Run:
     outputs: dict[str, Any]
 
     def containers(self) -> dict[str, dict[str, Any]]:
-        return {n: i for n, i in self.engine.of_type(CONTAINER).items() if n != "gateway"}
+        return {n: i for n, i in self.engine.of_type(CONTAINER).items() if n not in ("gateway", "haproxy")}
 
 
 def run_program(tmp_path: Path, files: dict[str, str], config: dict[str, Any] | None = None,
@@ -175,8 +175,9 @@ def test_the_gateway_image_is_built_locally_and_never_pushed(tmp_path: Path) -> 
 
 def test_the_gateway_container_routes_to_instance_network_addresses(tmp_path: Path) -> None:
     run = run_program(tmp_path, {"a.yaml": doc("a", replicas="minReplicas: 2"),
-                                 "b.yaml": doc("b", state="stopped")}, {"gatewayPort": "9090"})
+                                 "b.yaml": doc("b", state="stopped")}, {"gatewayPort": "9090", "dataPlane": "python"})
     gateway = run.engine.of_type(CONTAINER)["gateway"]
+    assert "haproxy" not in run.engine.of_type(CONTAINER)
     env = dict(e.split("=", 1) for e in gateway["envs"])
     routes = json.loads(env["AUTODEPLOY_ROUTES"])["deployments"]
     assert [i["address"] for i in routes["a"]["instances"]] == ["autodeploy-a-0:8080", "autodeploy-a-1:8080"]
@@ -184,6 +185,30 @@ def test_the_gateway_container_routes_to_instance_network_addresses(tmp_path: Pa
                            "healthCheckPath": "/health", "requestTimeout": 300.0, "instances": []}
     assert gateway["ports"] == [{"internal": 8080, "external": 9090, "ip": "127.0.0.1"}]
     assert run.outputs["gateway_url"] == "http://127.0.0.1:9090"
+
+
+def test_haproxy_container_carries_the_endpoints_with_the_gateway_as_its_activator(tmp_path: Path) -> None:
+    import subprocess
+
+    from gateway.haproxy_plane import find_haproxy
+    run = run_program(tmp_path, {"a.yaml": doc("a", replicas="minReplicas: 2"),
+                                 "b.yaml": doc("b", state="stopped")}, {"gatewayPort": "9090"})
+    boxes = run.engine.of_type(CONTAINER)
+    haproxy, gateway = boxes["haproxy"], boxes["gateway"]
+    assert haproxy["ports"] == [{"internal": 8080, "external": 9090, "ip": "127.0.0.1"}]
+    assert gateway.get("ports") in (None, [])  # reached only through HAProxy
+    assert haproxy["image"] == gateway["image"]  # one image: the gateway's, with haproxy installed
+    config = dict(e.split("=", 1) for e in haproxy["envs"])["HAPROXY_CONFIG"]
+    assert "    server a-0 autodeploy-a-0:8080 weight 100" in config
+    assert "    server a-1 autodeploy-a-1:8080 weight 100" in config
+    assert "backend be_b" in config  # stopped: no server, so its requests go to the activator
+    assert "    server activator autodeploy-gateway-dev:8080 resolvers docker" in config
+    # the very file HAProxy 2.6 accepts (the container resolves names through Docker's DNS)
+    (tmp_path / "h.cfg").write_text(config.replace("/tmp/haproxy.sock", str(tmp_path / "h.sock")))
+    binary = find_haproxy()
+    assert binary, "haproxy must be installed (apt-get install haproxy); CI installs it"
+    res = subprocess.run([binary, "-c", "-f", str(tmp_path / "h.cfg")], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stdout + res.stderr
 
 
 def test_gateway_container_false_leaves_the_gateway_to_the_controller(tmp_path: Path) -> None:
