@@ -376,7 +376,8 @@ def haproxy_gateway_config(deployments: Sequence[Deployment], plans: Sequence[Co
         hc = dep.load_balancer.health_check
         backends.append(backend_of({"algorithm": dep.load_balancer.algorithm,
                                     "sticky": dep.load_balancer.sticky_sessions,
-                                    "request_timeout": dep.request_timeout_s,
+                                    "request_timeout": dep.request_timeout_s, "protocol": dep.protocol,
+                                    "tunnel_idle_timeout": dep.tunnel_idle_timeout_s,
                                     "health": None if hc is None else {
                                         "path": hc.path, "interval": hc.interval_s, "timeout": hc.timeout_s,
                                         "fall": hc.failure_threshold}}, dep.name))

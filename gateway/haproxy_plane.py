@@ -324,8 +324,9 @@ class HaproxyDataPlane:
         text = render(self.settings, backends.values(), desired)
         map_text = revision_map_text(desired)
         if self.process.master_pid() is None:  # it died (or was killed): serve goes on with a new one
+            log.error("HAProxy was not running: starting it again with %d backend(s)", len(backends))
             pid = self.process.start(text, self.settings.revision_map, map_text)
-            log.error("HAProxy was not running: started it again (master pid %s)", pid)
+            log.info("started HAProxy again (master pid %s)", pid)
         else:
             self.process.reload(text, self.settings.revision_map, map_text)
             log.info("HAProxy reloaded: backends %s", ", ".join(sorted(backends)) or "none")
