@@ -3,6 +3,7 @@ watcher and the gunicorn gateway, in the foreground, shut down cleanly on SIGTER
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import ipaddress
 import logging
 import os
@@ -132,6 +133,11 @@ def _haproxy_maxconn(wanted: int = 8192) -> int:
 
 
 def _worker_args(o: ServeOptions) -> list[str]:
+    if o.worker_class == "gevent" and importlib.util.find_spec("gevent") is None:
+        # A venv made before gevent became a dependency: say so, serve on threads meanwhile.
+        log.warning("gevent is not installed (run `bash scripts/bootstrap.sh` or `pip install -e .`): "
+                    "gateway workers use gthread, %d threads each", o.threads)
+        return ["--worker-class", "gthread", "--threads", str(o.threads)]
     if o.worker_class == "gevent":
         return ["--worker-class", "gateway.gevent_worker.GeventWorker", "--worker-connections",
                 str(o.worker_connections)]
