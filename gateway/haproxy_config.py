@@ -31,6 +31,7 @@ COOKIE_PREFIX = "autodeploy-"  # gateway.balancer.cookie_name: same cookie in bo
 LOG_TAG = "AD1"  # request log lines start with it; HAProxy's own notices do not
 DEFAULT_REQUEST_TIMEOUT_S = 300.0
 DEFAULT_TUNNEL_IDLE_TIMEOUT_S = 300.0
+DEFAULT_TUNNEL_TIMEOUT_S = 3600.0
 DEPLOYMENT_HEADER = "Deploy-Deployment"  # names an h2c/gRPC deployment when the path cannot (gRPC metadata)
 BASE_WEIGHT = 100  # consistent hashing is coarse at weight 1 (DESIGN.md)
 MAX_WEIGHT = 256
@@ -66,6 +67,7 @@ class Backend:
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
     protocol: str = "http"  # spec.protocol: h2c and grpc servers are spoken to over h2c (`proto h2`)
     tunnel_idle_timeout_s: float = DEFAULT_TUNNEL_IDLE_TIMEOUT_S  # spec.tunnelIdleTimeout: `timeout tunnel`
+    tunnel_timeout_s: float = DEFAULT_TUNNEL_TIMEOUT_S  # spec.tunnelTimeout: enforced by the plane's sweep
 
     @property
     def section(self) -> str:
@@ -167,7 +169,8 @@ def backend_of(dep: Mapping[str, Any], name: str) -> Backend:
                    health=health,
                    request_timeout_s=float(dep.get("request_timeout") or DEFAULT_REQUEST_TIMEOUT_S),
                    protocol=str(dep.get("protocol") or "http"),
-                   tunnel_idle_timeout_s=float(dep.get("tunnel_idle_timeout") or DEFAULT_TUNNEL_IDLE_TIMEOUT_S))
+                   tunnel_idle_timeout_s=float(dep.get("tunnel_idle_timeout") or DEFAULT_TUNNEL_IDLE_TIMEOUT_S),
+                   tunnel_timeout_s=float(dep.get("tunnel_timeout") or DEFAULT_TUNNEL_TIMEOUT_S))
 
 
 def server_weights(dep: Mapping[str, Any]) -> dict[str, int]:
@@ -393,6 +396,15 @@ def _backend(w, s: Settings, b: Backend, servers: Iterable[Server]) -> None:
 
 def _dns(s: Settings) -> str:
     return " resolvers docker init-addr last,libc,none" if s.docker_dns else ""
+
+
+def tunnels_to_check(sessions: Iterable[Any], backends: Iterable[Backend]) -> list[Any]:
+    """Sessions of a deployment's backend older than its spec.tunnelTimeout: HAProxy bounds a
+    tunnel's silence (`timeout tunnel`), not its life, so the plane ends these once `show
+    sess PTR` confirms they are tunnels (a long plain request is left to its own timeouts).
+    `sessions`: objects with `backend` and `age_s` (gateway.haproxy_runtime.Session)."""
+    limits = {b.section: b.tunnel_timeout_s for b in backends}
+    return [s for s in sessions if s.backend in limits and s.age_s >= limits[s.backend]]
 
 
 def revision_map_text(servers: Mapping[str, Iterable[Server]]) -> str:

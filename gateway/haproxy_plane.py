@@ -37,7 +37,7 @@ import psutil
 from controller import errors
 from controller.errors import AutoDeployError
 from gateway.haproxy_config import (WAKE_LUA, Backend, Server, Settings, backend_name, backend_of, render,
-                                    revision_map_text, server_options, servers_of)
+                                    revision_map_text, server_options, servers_of, tunnels_to_check)
 from gateway.haproxy_runtime import RequestLog, RuntimeApi, ServerStat
 
 log = logging.getLogger("autodeploy.haproxy")
@@ -47,6 +47,7 @@ WORKER_ID = -1  # gunicorn workers sync with their pids; the data plane with thi
 SYNC_WAIT_S = 0.25
 START_TIMEOUT_S = 15.0
 RELOAD_TIMEOUT_S = 15.0
+TUNNEL_SWEEP_S = 1.0  # how often tunnels past spec.tunnelTimeout are looked for (`show sess`)
 
 
 # ---------------------------------------------------------------------- choosing a data plane
@@ -238,6 +239,7 @@ class HaproxyDataPlane:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.adopted = False
+        self._next_sweep = 0.0
 
     # -------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -286,11 +288,24 @@ class HaproxyDataPlane:
         changed = self.apply(snapshot)
         stats = self._last_stats
         self._applied = snapshot["version"]
+        self._sweep_tunnels()
         inflight, activity = self._measure(stats)
         reply = self._sync(worker=WORKER_ID, version=self._applied, inflight=inflight, activity=activity,
                            wait=SYNC_WAIT_S if self._applied else 0, metrics=self.requests.take())
         if "snapshot" in reply:
             self._snapshot = reply["snapshot"]
+
+    def _sweep_tunnels(self) -> None:
+        """End WebSockets past their deployment's spec.tunnelTimeout (every TUNNEL_SWEEP_S)."""
+        now = time.monotonic()
+        if now < self._next_sweep or not self._backends:
+            return
+        self._next_sweep = now + TUNNEL_SWEEP_S
+        for sess in tunnels_to_check(self.api.sessions(), self._backends.values()):
+            if self.api.is_tunnel(sess.ptr):
+                log.info("closing the WebSocket tunnel to %s/%s after %.0f s (spec.tunnelTimeout)",
+                         sess.backend, sess.server, sess.age_s)
+                self.api.shutdown_session(sess.ptr)
 
     def apply(self, snapshot: dict) -> bool:
         """Make HAProxy match `snapshot`; True when a command changed something."""

@@ -15,6 +15,7 @@ import csv
 import io
 import logging
 import os
+import re
 import socket
 import threading
 from dataclasses import dataclass
@@ -27,6 +28,34 @@ from gateway.haproxy_config import ACTIVATOR, LOG_TAG
 log = logging.getLogger("autodeploy.haproxy")
 
 MAX_ANSWER = 16 * 1024 * 1024  # `show stat` of thousands of servers fits; anything beyond is a bug
+
+
+@dataclass(frozen=True)
+class Session:
+    """One line of `show sess`: a client connection HAProxy is carrying."""
+    ptr: str  # 0x...: what `show sess PTR` and `shutdown session PTR` take
+    backend: str
+    server: str
+    age_s: float
+
+
+_SESSION = re.compile(r"^(0x[0-9a-f]+): .*? be=(\S+) srv=(\S+) .*?\bage=(\S+)")
+_AGE_PART = re.compile(r"(\d+)([dhms])")
+_AGE_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def parse_age(text: str) -> float:
+    """HAProxy's human time: `2s`, `4m57s`, `1h3m`, `2d5h` (seconds)."""
+    return float(sum(int(n) * _AGE_UNITS[u] for n, u in _AGE_PART.findall(text)))
+
+
+def parse_sessions(text: str) -> list[Session]:
+    out = []
+    for line in text.splitlines():
+        m = _SESSION.match(line.strip())
+        if m:
+            out.append(Session(m.group(1), m.group(2), m.group(3), parse_age(m.group(4))))
+    return out
 
 
 @dataclass(frozen=True)
@@ -124,6 +153,16 @@ class RuntimeApi:
                                   lastsess=_int(row.get("lastsess", ""), -1),
                                   hrsp_5xx=_int(row.get("hrsp_5xx", "")), sid=_int(row.get("sid", ""))))
         return out
+
+    def sessions(self) -> list[Session]:
+        return parse_sessions(self.command("show sess"))
+
+    def is_tunnel(self, ptr: str) -> bool:
+        """The session's HTTP transaction became a tunnel (a WebSocket after its 101)."""
+        return "req.st=MSG_TUNNEL" in self.command(f"show sess {ptr}")
+
+    def shutdown_session(self, ptr: str) -> None:
+        self._ok(f"shutdown session {ptr}")
 
     def backends(self) -> list[str]:
         return [line.strip() for line in self.command("show backend").splitlines()[1:] if line.strip()]

@@ -85,3 +85,32 @@ def test_rendered_streaming_config_passes_haproxys_own_check(tmp_path):
     res = subprocess.run([HAPROXY, "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=30)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "proto h2" in section(cfg.read_text(), "be_g")
+
+
+SHOW_SESS = """\
+0x560b2c3dd370: proto=tcpv4 src=127.0.0.1:45666 fe=gateway be=be_ws srv=grmfdkui ts=00 epoch=0 age=4m57s calls=3 \
+rate=0 cpu=0 lat=0 rq[f=8848202h,i=0,an=00h,rx=4m57s,wx=,ax=] rp[f=88048202h,i=0,an=00h,rx=4m57s,wx=,ax=] \
+scf=[8,0h,fd=12] scb=[8,11h,fd=14] exp=2s rc=0 c_exp=
+0x560b2c3dd999: proto=tcpv4 src=127.0.0.1:45667 fe=gateway be=be_g srv=abcdefgh ts=00 epoch=0 age=1h2m calls=3 \
+rate=0 cpu=0 lat=0 rq[f=8848202h,i=0,an=00h,rx=,wx=,ax=] rp[f=88048202h,i=0,an=00h,rx=,wx=,ax=] exp= rc=0 c_exp=
+0x560b2c2ee8f0: proto=unix_stream src=unix:1 fe=GLOBAL be=<NONE> srv=<none> ts=00 epoch=0 age=0s calls=1 rate=0 \
+cpu=0 lat=0 rq[f=c08000h,i=0,an=00h,rx=,wx=,ax=] rp[f=80008002h,i=0,an=00h,rx=,wx=,ax=] exp= rc=0 c_exp=
+"""
+
+
+def test_show_sess_lines_parse_into_backend_server_and_age():
+    from gateway.haproxy_runtime import Session, parse_age, parse_sessions
+    assert [parse_age(t) for t in ("0s", "2s", "4m57s", "1h2m", "2d5h")] == [0, 2, 297, 3720, 190800]
+    assert parse_sessions(SHOW_SESS) == [Session("0x560b2c3dd370", "be_ws", "grmfdkui", 297.0),
+                                         Session("0x560b2c3dd999", "be_g", "abcdefgh", 3720.0),
+                                         Session("0x560b2c2ee8f0", "<NONE>", "<none>", 0.0)]
+
+
+def test_only_sessions_past_their_deployments_tunnel_timeout_are_checked():
+    from gateway.haproxy_config import tunnels_to_check
+    from gateway.haproxy_runtime import parse_sessions
+    sessions = parse_sessions(SHOW_SESS)
+    backends = [Backend("ws", tunnel_timeout_s=60), Backend("g", tunnel_timeout_s=7200)]
+    assert [s.ptr for s in tunnels_to_check(sessions, backends)] == ["0x560b2c3dd370"]
+    assert tunnels_to_check(sessions, [Backend("ws", tunnel_timeout_s=297)])[0].server == "grmfdkui"
+    assert tunnels_to_check(sessions, [Backend("ws", tunnel_timeout_s=298)]) == []

@@ -117,6 +117,20 @@ def test_silent_tunnel_is_closed_after_tunnel_idle_timeout(serve, data_plane):
     s.wait_for(lambda: s.instances("ws")[0]["in_flight"] == 0, what="tunnel no longer in flight")
 
 
+def test_busy_tunnel_is_closed_after_tunnel_timeout(serve, data_plane):
+    s = serve({"ws.yaml": ws_yaml(extra_spec="tunnelTimeout: 3s\ntunnelIdleTimeout: 2s")})
+    warm(s)
+    sent = 0
+    with connect(ws_url(s, "/d/ws/echo"), open_timeout=60) as ws:
+        with pytest.raises(ConnectionClosed):
+            for sent in range(1, 200):  # never silent for the idle timeout; 60 s at most
+                ws.send(f"tick {sent}")
+                assert ws.recv(timeout=30) == f"tick {sent}"
+                time.sleep(0.3)
+    assert sent < 199  # the gateway ended it (at 3 s), the loop did not run out
+    s.wait_for(lambda: s.instances("ws")[0]["in_flight"] == 0, what="tunnel no longer in flight")
+
+
 def test_route_rules_apply_to_the_handshake(serve, data_plane):
     s = serve({"ws.yaml": ws_yaml()})
     with pytest.raises(InvalidStatus) as refused:
