@@ -129,6 +129,8 @@ class Proxy:
         self.tunnels = TunnelSlots(max_tunnels)
 
     def forward(self, name: str, path: str) -> Response:
+        # Endpoint keys (issue #12), when wired here, belong above this line: the check then
+        # covers WebSocket handshakes and the h2c/gRPC wake as well as plain requests.
         if request.headers.get(WAKE_HEADER) == "1":
             return self.wake(name)
         protocol = self.router.protocol(name)
