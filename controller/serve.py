@@ -132,6 +132,13 @@ def _haproxy_maxconn(wanted: int = 8192) -> int:
     return max(256, min(wanted, (hard - 200) // 2))
 
 
+def _max_tunnels(worker_args: list[str]) -> int:
+    """WebSocket tunnels per gateway worker: a tunnel holds a gthread thread, or one of a
+    gevent worker's connections, for its whole life; a quarter stays for plain requests."""
+    flag = "--threads" if "--threads" in worker_args else "--worker-connections"
+    return max(1, int(worker_args[worker_args.index(flag) + 1]) * 3 // 4)
+
+
 def _worker_args(o: ServeOptions) -> list[str]:
     if o.worker_class == "gevent" and importlib.util.find_spec("gevent") is None:
         # A venv made before gevent became a dependency: say so, serve on threads meanwhile.
@@ -352,9 +359,10 @@ class Server:
         for stale in (self.inflight_path, self.inflight_path + ".lock"):
             if os.path.exists(stale):
                 os.unlink(stale)
+        worker_args = _worker_args(o)
         cmd = [sys.executable, "-m", "gunicorn", "gateway.wsgi:app", "--bind", f"{host}:{port}",
                "-c", "python:gateway.gunicorn_conf",
-               "--workers", str(o.workers), *_worker_args(o),
+               "--workers", str(o.workers), *worker_args,
                "--graceful-timeout", str(max(1, int(o.graceful_timeout))), "--keep-alive", "75",
                "--log-level", "warning", "--error-logfile", "-"]
         env = dict(os.environ, AUTODEPLOY_IPC=self.ipc_path, AUTODEPLOY_COUNTERS=self.counters_path,
@@ -365,8 +373,7 @@ class Server:
                                                                 tuple(self.stack.gateway_hosts)).to_env(),
                    PROMETHEUS_MULTIPROC_DIR=str(self.prometheus_dir),
                    AUTODEPLOY_UI_SECRET=secrets.token_hex(32),  # dashboard sessions, shared by the workers
-                   # A WebSocket tunnel holds a gthread thread for its life; a quarter stays for requests.
-                   AUTODEPLOY_MAX_TUNNELS=str(max(1, o.threads * 3 // 4)))
+                   AUTODEPLOY_MAX_TUNNELS=str(_max_tunnels(worker_args)))
         if self.data_plane_name == "haproxy":  # the client address comes from HAProxy (gateway/wsgi.py)
             from gateway.haproxy_config import PEER_HEADER
             env["AUTODEPLOY_PEER_HEADER"] = PEER_HEADER
