@@ -348,7 +348,12 @@ class Server:
         settings = Settings(bind_host=self.host, bind_port=self.port, activator_host="127.0.0.1",
                             activator_port=self._activator_port(), trusted_proxies=self.trusted_proxies,
                             queue_timeout_s=self.opts.queue_timeout, maxconn=_haproxy_maxconn())
-        self.plane = HaproxyDataPlane(binary, self.opts.state_dir, settings, lambda **kw: ipc.call("sync", **kw))
+        # Warm requests never reach the gateway workers: the data plane counts them into the
+        # same multiprocess Prometheus files (gateway/metrics.py), so /metrics keeps its fields.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(self.prometheus_dir)
+        from gateway.metrics import GatewayMetrics
+        self.plane = HaproxyDataPlane(binary, self.opts.state_dir, settings, lambda **kw: ipc.call("sync", **kw),
+                                      metrics=GatewayMetrics())
         self.plane.start()
 
     def _spawn_gateway(self, host: str, port: int) -> subprocess.Popen:

@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import psutil
 
@@ -215,7 +215,7 @@ def running_master(state_dir: Path) -> int | None:
 # ---------------------------------------------------------------------- the data plane
 class HaproxyDataPlane:
     def __init__(self, binary: str, state_dir: Path, settings: Settings,
-                 sync: Callable[..., dict]) -> None:
+                 sync: Callable[..., dict], metrics: Any | None = None) -> None:
         """`settings`: bind address, activator address, limits (socket paths are filled in
         here); `sync`: the controller's sync call (IpcClient.call bound to "sync")."""
         rdir = runtime_dir(state_dir)
@@ -229,13 +229,15 @@ class HaproxyDataPlane:
         self.process = HaproxyProcess(binary, state_dir.resolve(), self.api)
         Path(self.settings.lua_path).write_text(WAKE_LUA)  # loaded by the rendered config (lua-load)
         self._sync = sync
-        self.requests = RequestLog(self.settings.log_path)
+        self.metrics = metrics  # gateway.metrics.GatewayMetrics: /metrics counts warm traffic too
+        self.requests = RequestLog(self.settings.log_path, metrics)
         self._backends: dict[str, Backend] | None = None  # None: the running config is unknown
         self._snapshot: dict = {"version": 0, "deployments": {}}
         self._applied = 0
         self._stot: dict[tuple[str, str], tuple[int, int]] = {}  # (backend, server) -> (stot, 5xx) last seen
         self._map: dict[str, str] = {}
-        self._last_stats: list[ServerStat] = []  # `show stat` after the last apply
+        self._last_stats: list[ServerStat] = []
+        self._busy: dict[tuple[str, str], int] = {}  # (backend, server) -> last in-flight count  # `show stat` after the last apply
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.adopted = False
@@ -414,6 +416,9 @@ class HaproxyDataPlane:
             busy = st.scur + st.qcur
             if busy:
                 inflight[st.name] = inflight.get(st.name, 0) + busy
+            if self.metrics is not None and (busy or self._busy.get(key)):
+                self.metrics.set_in_flight(st.backend[3:], st.name, busy)
+            self._busy[key] = busy
             prev = self._stot.get(key)
             if prev is None:
                 prev = (st.stot, st.hrsp_5xx)  # first sight (adopted, reloaded): nothing new yet

@@ -19,6 +19,7 @@ import re
 import socket
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 from controller import errors
 from controller.errors import AutoDeployError
@@ -249,8 +250,11 @@ class _Sums:
 class RequestLog:
     """Reads HAProxy's request log from a Unix datagram socket, in a thread of its own."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, metrics: Any | None = None) -> None:
+        """`metrics`: a gateway.metrics.GatewayMetrics that each logged request is also
+        counted in, so /metrics sees warm traffic in haproxy mode as it does in python mode."""
         self.path = path
+        self.metrics = metrics
         if os.path.exists(path):
             os.unlink(path)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -291,6 +295,9 @@ class RequestLog:
             if total_ms >= 0:
                 b = bucket_of(float(total_ms))
                 sums.h[b] = sums.h.get(b, 0) + 1
+        if self.metrics is not None:
+            self.metrics.response(deployment, server, status if status >= 0 else None,
+                                  total_ms / 1000.0 if total_ms >= 0 else None)
 
     def take(self) -> dict[str, dict]:
         """What was logged since the last call, per instance: {"d", "n", "e", "h"}."""

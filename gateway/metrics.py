@@ -83,6 +83,10 @@ class GatewayMetrics:
         if elapsed is not None:
             self._child(self._latency, deployment, instance).observe(elapsed)
 
+    def set_in_flight(self, deployment: str, instance: str, count: int) -> None:
+        """The haproxy data plane: in flight on an instance, as HAProxy counts it (`scur`)."""
+        self._child(self._inflight, deployment, instance).set(count)
+
     def upstream_failure(self, deployment: str, instance: str, kind: str) -> None:
         self._child(self._upstream, deployment, instance, kind).inc()
 

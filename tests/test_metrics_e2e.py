@@ -53,7 +53,7 @@ def test_metrics_add_up_request_counts_across_gateway_workers(serve):
     assert ({"deployment": "hello", "state": "ready"}, 1.0) in ready
 
 
-def test_status_api_and_metrics_show_window_rates_errors_and_percentiles(serve):
+def test_status_api_and_metrics_show_window_rates_errors_and_percentiles(serve, data_plane):
     s = serve({"hello.yaml": deployment_yaml("hello")}, "--workers", "2")
     with ThreadPoolExecutor(8) as pool:
         ok = list(pool.map(lambda _: s.get("/d/hello/slow?ms=60").status_code, range(30)))
