@@ -237,7 +237,8 @@ class HaproxyDataPlane:
         self._stot: dict[tuple[str, str], tuple[int, int]] = {}  # (backend, server) -> (stot, 5xx) last seen
         self._map: dict[str, str] = {}
         self._last_stats: list[ServerStat] = []
-        self._busy: dict[tuple[str, str], int] = {}  # (backend, server) -> last in-flight count  # `show stat` after the last apply
+        self._busy: dict[tuple[str, str], int] = {}  # (backend, server) -> last in-flight count
+        self._master: int | None = None  # `show stat` after the last apply
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.adopted = False
@@ -315,27 +316,39 @@ class HaproxyDataPlane:
         backends = {name: backend_of(dep, name) for name, dep in deps.items()}
         desired = {name: servers_of(dep) for name, dep in deps.items()}
         changed = False
-        if self._backends is not None and self.process.master_pid() is None:
+        if self._backends is not None and not self._master_alive():
             self._backends = None  # HAProxy is gone: start it again with everything
         if backends != self._backends:
             self._reload(backends, desired)
             changed = True
         stats = self.api.show_stat()
         actual = {(s.backend, s.name): s for s in stats}
-        wanted: set[tuple[str, str]] = set()
-        for name, servers in desired.items():
-            b = backends[name]
-            be = b.section
-            for srv in servers:
-                wanted.add((be, srv.id))
-                changed |= self._ensure_server(b, srv, actual.get((be, srv.id)))
+        wanted = {(backends[name].section, srv.id) for name, servers in desired.items() for srv in servers}
+        # Servers leaving first: between a snapshot and its last command HAProxy should
+        # rather lack a new server (its requests then go to the activator) than keep
+        # sending to one the controller is taking away.
         for key, st in actual.items():
             if key not in wanted:
                 changed |= self._retire(backends, st)
+        for name, servers in desired.items():
+            b = backends[name]
+            for srv in servers:
+                changed |= self._ensure_server(b, srv, actual.get((b.section, srv.id)))
         if any(b.sticky for b in backends.values()):
             changed |= self._ensure_sticky(backends, desired, changed)
         self._last_stats = self.api.show_stat() if changed else stats
         return changed
+
+    def _master_alive(self) -> bool:
+        """Cheap enough for every pass: one /proc read for the master found last time."""
+        if self._master is not None:
+            try:
+                if psutil.Process(self._master).status() != psutil.STATUS_ZOMBIE:
+                    return True
+            except psutil.NoSuchProcess:
+                pass
+        self._master = self.process.master_pid()
+        return self._master is not None
 
     def _reload(self, backends: dict[str, Backend], desired: dict[str, list[Server]]) -> None:
         text = render(self.settings, backends.values(), desired)

@@ -171,12 +171,14 @@ def test_canary_splits_traffic_by_weight_and_promotes(serve, data_plane):
     assert abs(share - 0.30) <= SPLIT_TOLERANCE, share
     assert {r[2] for r in window} == {"1", "2"}
     done = wait_rollout(s, "can", ("succeeded", "rolled_back"), 2)
-    traffic.stop()
     assert done["phase"] == "succeeded", done
+    # The data plane applies the promotion a moment after the controller records it (a
+    # gateway worker's next sync; HAProxy's Runtime API commands): then only v2 answers.
+    s.wait_for(lambda: traffic.revisions()[-3:] == ["2"] * 3, what="traffic on revision 2 only")
+    traffic.stop()
     assert traffic.failed() == []
     log = events(s, "can")
     assert any("canary step 1/2 (30%): passed: error rate 0.000" in e for e in log), log
-    assert traffic.revisions()[-3:] == ["2"] * 3
 
 
 def test_rolling_update_whose_instances_exit_rolls_back_by_itself(serve):
