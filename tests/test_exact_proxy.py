@@ -112,7 +112,7 @@ def test_no_layer_answers_an_html_error_page(backend):
         (b"GET /d/be/x y HTTP/1.1\r\nHost: t\r\n\r\n", 400, 1013),  # gunicorn cannot parse it
         (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: t\r\n\r\n", 414, 1013),
         (b"BREW /d/be/ HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n", 405, 1024),
-        (b"PUT /api/deployments HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", 405, 1024),
+        (b"TRACE /d/be/x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n", 405, 1024),
         (b"GET /nowhere HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n", 404, 1020),
     ]
     for request, status, code in cases:
