@@ -35,7 +35,7 @@ def warm(served, name: str = "ws") -> None:
     served.wait_for(lambda: served.status(name)["status"] == "Running", what="instance ready")
 
 
-def test_handshake_cold_starts_an_instance_and_100_messages_round_trip(serve, data_plane):
+def test_handshake_cold_starts_an_instance_then_100_messages_and_1mib_round_trip(serve, data_plane):
     s = serve({"ws.yaml": ws_yaml()})
     assert s.status("ws")["status"] == "Standby"
     with connect(ws_url(s, "/d/ws/echo"), open_timeout=60, max_size=None) as ws:
@@ -47,25 +47,18 @@ def test_handshake_cold_starts_an_instance_and_100_messages_round_trip(serve, da
         answers = [ws.recv(timeout=30) for _ in range(100)]
     assert answers == [f"message {i}" for i in range(100)]
     # Warm now: in haproxy mode this handshake and its tunnel are HAProxy's own.
-    with connect(ws_url(s, "/d/ws/echo"), open_timeout=60) as ws:
+    payload = os.urandom(1024 * 1024)
+    with connect(ws_url(s, "/d/ws/echo"), open_timeout=60, max_size=None) as ws:
         assert ws.response.headers[TARGET] == target
         assert ws.response.headers["Deploy-Revision"] == "1"
         for i in range(100):
             ws.send(f"warm {i}")
         assert [ws.recv(timeout=30) for _ in range(100)] == [f"warm {i}" for i in range(100)]
+        ws.send(payload)  # a 1 MiB binary message arrives whole, both ways
+        assert ws.recv(timeout=60) == payload
 
 
-def test_a_1mib_binary_message_arrives_whole_both_ways(serve, data_plane):
-    s = serve({"ws.yaml": ws_yaml()})
-    payload = os.urandom(1024 * 1024)
-    warm(s)
-    with connect(ws_url(s, "/d/ws/echo"), open_timeout=60, max_size=None) as ws:
-        ws.send(payload)
-        back = ws.recv(timeout=60)
-    assert back == payload
-
-
-def test_server_initiated_close_reaches_the_client_with_its_code(serve, data_plane):
+def test_server_initiated_close_and_server_pushed_messages_reach_the_client(serve, data_plane):
     s = serve({"ws.yaml": ws_yaml()})
     warm(s)
     with connect(ws_url(s, "/d/ws/close?code=4001&reason=bye"), open_timeout=60) as ws:
@@ -75,13 +68,8 @@ def test_server_initiated_close_reaches_the_client_with_its_code(serve, data_pla
             ws.recv(timeout=30)
     assert closed.value.rcvd is not None
     assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4001, "bye")
-
-
-def test_server_pushed_messages_arrive_without_the_client_sending(serve, data_plane):
-    s = serve({"ws.yaml": ws_yaml()})
-    warm(s)
     with connect(ws_url(s, "/d/ws/push?n=5"), open_timeout=60) as ws:
-        got = [ws.recv(timeout=30) for _ in range(5)]
+        got = [ws.recv(timeout=30) for _ in range(5)]  # the client sends nothing
         with pytest.raises(ConnectionClosed) as closed:
             ws.recv(timeout=30)
     assert got == [f"push {i}" for i in range(5)]
