@@ -14,11 +14,13 @@ GRPC_ECHO = ROOT / "deployments" / "models" / "grpc_echo.py"
 TARGET = "Deploy-Route-Target"
 
 
-def test_each_server_sent_event_reaches_the_client_before_the_next_is_sent(serve):
+def test_each_server_sent_event_reaches_the_client_before_the_next_is_sent(serve, data_plane):
     """Lockstep: the instance sends event i+1 only after the client, having read event i
     through the gateway, acknowledged it (10 s at most). A gateway that held events back
     would leave them unacknowledged, and the next event says so."""
     s = serve({"hello.yaml": deployment_yaml("hello")})
+    assert s.get("/d/hello/health", timeout=60).status_code == 200  # warm: haproxy mode streams itself
+    s.wait_for(lambda: s.status("hello")["status"] == "Running", what="instance ready")
     token = uuid.uuid4().hex
     events = []
     with requests.get(s.url + f"/d/hello/stream?n=6&lockstep={token}", stream=True, timeout=60) as r:
