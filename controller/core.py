@@ -43,6 +43,12 @@ WORKER_STALE_S = 3.0  # a worker that has not synced for this long is gone (guni
 DRAIN_TIMEOUT_S = 30.0  # an instance being released stops after this even with requests in flight
 
 
+def drain_timeout_s(spec: Deployment) -> float:
+    """How long a drain waits for what is in flight: an open WebSocket counts, and it ends
+    by spec.tunnelTimeout at the latest, so a drain waits that long for one."""
+    return max(DRAIN_TIMEOUT_S, spec.tunnel_timeout_s)
+
+
 @dataclass
 class Rec:
     """The controller's record of one instance."""
@@ -493,8 +499,7 @@ class Controller:
                 rec.phase = "ready"
                 self._event(spec.name, "revived", "traffic arrived while it was being released", rec.id)
                 self._bump()
-            # An open WebSocket counts in flight; it ends by spec.tunnelTimeout at the latest.
-            elif self._drained(rec, inflight) or now - rec.drain_started > max(DRAIN_TIMEOUT_S, spec.tunnel_timeout_s):
+            elif self._drained(rec, inflight) or now - rec.drain_started > drain_timeout_s(spec):
                 self._stop(rec, rec.reason)
         if rt.removed:
             if not rt.instances:
