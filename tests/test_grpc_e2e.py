@@ -21,8 +21,8 @@ def grpc_yaml(name: str = "g", min_replicas: int = 1, max_replicas: int = 2, idl
         """)
 
 
-def serve_grpc(serve, **kw):
-    s = serve({"g.yaml": grpc_yaml(**kw)}, "--data-plane", "haproxy")
+def serve_grpc(serve, extra: dict[str, str] | None = None, **kw):
+    s = serve({"g.yaml": grpc_yaml(**kw), **(extra or {})}, "--data-plane", "haproxy")
     if kw.get("min_replicas", 1):
         s.wait_for(lambda: len([i for i in s.instances("g") if i["state"] == "ready"]) == kw.get("min_replicas", 1),
                    timeout=60, what="gRPC instances ready")
@@ -49,7 +49,11 @@ def wait_routed(channel: grpc.Channel, method: str, metadata=()) -> None:
 
 
 def test_unary_server_streaming_and_error_status_pass_through_exactly(serve):
-    s = serve_grpc(serve)
+    # `h`: a plain h2c deployment (any HTTP/2 server; this one happens to speak gRPC).
+    h2c = deployment_yaml("h", f"{PY} {GRPC_ECHO} --port ${{PORT}}", min_replicas=1, health=None,
+                          extra_spec="protocol: h2c")
+    s = serve_grpc(serve, extra={"h.yaml": h2c})
+    s.wait_for(lambda: s.status("h")["status"] == "Running", timeout=60, what="h2c instance ready")
     target = s.instances("g")[0]["id"]
     with gateway_channel(s) as channel:
         wait_routed(channel, "/d/g/echo.Echo/Unary")
@@ -74,6 +78,12 @@ def test_unary_server_streaming_and_error_status_pass_through_exactly(serve):
     # 3. or by :authority, its first label: g.<anything>
     with gateway_channel(s, authority="g.models.local") as channel:
         assert channel.unary_unary("/echo.Echo/Unary")(b"by authority", timeout=10) == b"by authority"
+    # protocol: h2c is carried the same way (HTTP/2 to the instance, prior knowledge)
+    with gateway_channel(s) as channel:
+        wait_routed(channel, "/d/h/echo.Echo/Unary")
+        reply, call = channel.unary_unary("/echo.Echo/Unary").with_call(b"h2c", metadata=[("deploy-deployment", "h")],
+                                                                         timeout=10)
+        assert reply == b"h2c" and dict(call.initial_metadata())["instance"] == s.instances("h")[0]["id"]
 
 
 def test_failing_grpc_health_check_takes_the_instance_out_of_haproxy(serve):
