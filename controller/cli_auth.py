@@ -8,6 +8,7 @@ The state dir is found the way `serve` finds it: `--state-dir`, else the stack c
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -19,6 +20,7 @@ import requests
 
 from controller import auth
 from controller.errors import AutoDeployError
+from controller.humantime import ago
 
 TOKEN_ENV = "AUTODEPLOY_TOKEN"
 
@@ -104,7 +106,7 @@ def add_parsers(sub: Any, default_url: str) -> None:
     p = add_client_args(tsub.add_parser("create", help="make a token and print it once"), default_url)
     p.add_argument("--role", required=True, choices=auth.ROLES)
     p.add_argument("--name", required=True)
-    add_client_args(tsub.add_parser("list", help="names, roles, when created and last used"), default_url)
+    _output(add_client_args(tsub.add_parser("list", help="names, roles, when created and last used"), default_url))
     p = add_client_args(tsub.add_parser("revoke", help="the token stops working at once"), default_url)
     p.add_argument("name")
 
@@ -114,11 +116,18 @@ def add_parsers(sub: Any, default_url: str) -> None:
     p.add_argument("deployment")
     p.add_argument("--name", help="default: key-<random>")
     p.add_argument("--scale-out", action="store_true", help="allow `Deploy-Route-Rule: scale-out` (starts GPUs)")
-    p = add_client_args(ksub.add_parser("list", help="keys per deployment"), default_url)
+    p = _output(add_client_args(ksub.add_parser("list", help="keys per deployment"), default_url))
     p.add_argument("deployment", nargs="?")
     p = add_client_args(ksub.add_parser("revoke", help="the key stops working at once"), default_url)
     p.add_argument("deployment")
     p.add_argument("name")
+
+
+def _output(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`--output json` like every read command (controller.cli_ops.add_output; not imported: it imports us)."""
+    p.add_argument("--output", "-o", choices=("table", "json"), default="table", help="table or json (default table)")
+    p.add_argument("--json", action="store_const", const="json", dest="output", help="same as --output json")
+    return p
 
 
 def _rows(rows: list[list[str]]) -> str:
@@ -127,7 +136,7 @@ def _rows(rows: list[list[str]]) -> str:
 
 
 def _when(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if ts else "-"
+    return ago(ts, time.time())
 
 
 def cmd_token(args: argparse.Namespace) -> int:
@@ -139,6 +148,9 @@ def cmd_token(args: argparse.Namespace) -> int:
         return 0
     if args.token_command == "list":
         tokens = call(args, "GET", "/api/tokens")["tokens"]
+        if args.output == "json":
+            print(json.dumps(tokens, indent=2))
+            return 0
         print(_rows([["NAME", "ROLE", "CREATED", "LAST USED"]] +
                     [[t["name"], t["role"], _when(t["created_at"]), _when(t["last_used"])] for t in tokens]))
         return 0
@@ -159,6 +171,9 @@ def cmd_key(args: argparse.Namespace) -> int:
     if args.key_command == "list":
         path = "/api/keys" + (f"?deployment={args.deployment}" if args.deployment else "")
         keys = call(args, "GET", path)["keys"]
+        if args.output == "json":
+            print(json.dumps(keys, indent=2))
+            return 0
         print(_rows([["DEPLOYMENT", "NAME", "SCALE-OUT", "CREATED"]] +
                     [[k["deployment"], k["name"], "yes" if k["scale_out"] else "no", _when(k["created_at"])]
                      for k in keys]))

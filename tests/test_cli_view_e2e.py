@@ -153,6 +153,9 @@ def test_top_read_commands_in_json_version_and_bash_completion(served):
     assert json.loads(cli("rollout", "status", "hello", "-o", "json", url=s.url).stdout)["rollout"] is None
     assert json.loads(cli("diff", "--output", "json", url=s.url).stdout) == []
     assert "gpus" in json.loads(cli("gpus", "--output", "json").stdout)
+    assert [t["role"] for t in json.loads(cli("token", "list", "-o", "json", url=s.url).stdout)] == ["admin"]
+    assert json.loads(cli("key", "list", "--output", "json", url=s.url).stdout) == []
+    assert re.search(r"^admin\s+admin\s+\S.* ago\s", cli("token", "list", url=s.url).stdout, re.M)
 
     assert re.fullmatch(r"autodeploy \d+\.\d+\.\d+\n", cli("--version").stdout)
     script = cli("completion", "bash").stdout
