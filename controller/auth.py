@@ -102,6 +102,33 @@ def required_role(method: str, path: str) -> str:
     return "admin"
 
 
+@dataclass(frozen=True)
+class Refusal:
+    error: errors.ErrorCode
+    detail: str
+
+
+SCALE_OUT_RULE = "scale-out"
+
+
+def endpoint_check(access: str, keys: dict[str, bool], authorization: str | None,
+                   rule: str | None) -> Refusal | None:
+    """May this request use the deployment's endpoint? `keys`: key hash -> may scale out.
+    Public deployments are open (their Authorization header is the instance's business)."""
+    if access != "private":
+        return None
+    key = bearer(authorization)
+    if key is None:
+        return Refusal(errors.KEY_REQUIRED, "this deployment is private; send Authorization: Bearer <key>")
+    may_scale_out = keys.get(digest(key))
+    if may_scale_out is None:
+        return Refusal(errors.KEY_REQUIRED, "unknown or revoked key for this deployment")
+    if rule is not None and rule.strip().lower() == SCALE_OUT_RULE and not may_scale_out:
+        return Refusal(errors.KEY_FORBIDDEN, "this key may not use Deploy-Route-Rule: scale-out "
+                       "(it starts instances); use a key created with --scale-out")
+    return None
+
+
 def allowed(role: str, needed: str) -> bool:
     return _RANK.get(role, -1) >= _RANK[needed]
 

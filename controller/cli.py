@@ -120,9 +120,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from controller.validate import run_validate, stack_gateway_port
+    from controller.validate import run_validate, stack_gateway_port, stack_secrets
     return run_validate(args.paths, sys.stdout, sys.stderr,
-                        local_gateway_port=stack_gateway_port(args.project_dir.resolve(), args.stack))
+                        local_gateway_port=stack_gateway_port(args.project_dir.resolve(), args.stack),
+                        secrets=stack_secrets(args.project_dir.resolve(), args.stack))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -128,6 +128,9 @@ class Controller:
         self.operations = Operations(self)
         self.traffic = Traffic()  # request windows and resource use, for status, /metrics, autoscaling
         self.autoscaler = Autoscaler()
+        # Endpoint keys of a deployment (hash -> may scale out) for the routing snapshot;
+        # serve wires controller.auth.AuthStore.key_table here.
+        self.keys_for: Callable[[str], dict[str, bool]] = lambda _name: {}
         self.source: Any = None  # controller.sources.SourceWatcher, set by serve: status and git sync
         self.node_watch = NodeWatch()  # several Docker hosts: lost and returning nodes
         self.coldstarts = ColdStarts()  # the phases of every instance start (controller.coldstart)
@@ -285,6 +288,8 @@ class Controller:
                 deps[name] = {
                     "state": rt.spec.state, "algorithm": rt.spec.load_balancer.algorithm,
                     "sticky": rt.spec.load_balancer.sticky_sessions, "rr_slot": rt.rr_slot,
+                    "access": rt.spec.access,
+                    "keys": self.keys_for(name) if rt.spec.access == "private" else {},
                     "revision": rt.revision_number, "split": self.rollouts.split(name),
                     "request_timeout": rt.spec.request_timeout_s,
                     "ready": [_address(r) for r in rt.by_phase("ready") if r.inst is not None and not r.unhealthy],
@@ -631,7 +636,7 @@ class Controller:
         out: dict[str, Any] = {
             "name": spec.name, "description": spec.description, "environment": spec.environment,
             "model": {"id": spec.model_id, "version": spec.model_version},
-            "endpoint": f"/d/{spec.name}/", "state": spec.state, "status": status,
+            "endpoint": f"/d/{spec.name}/", "access": spec.access, "state": spec.state, "status": status,
             "revision": {"number": rt.revision_number, "hash": spec.revision, "file": spec.source_file,
                          "commit": _commit_json(self.store.revision_commit(spec.name, rt.revision_number))},
             "replicas": {"min": spec.scaling.min_replicas, "max": spec.scaling.max_replicas,
@@ -746,6 +751,11 @@ class Controller:
     def _price(self, spec: Deployment, node: str | None = None) -> float:
         # Per-node prices (controller.nodes.NodePrices) when the instance has a node.
         return float(self.prices.per_hour(spec.resources.gpu, **({"node": node} if node else {})))
+
+    def routing_changed(self) -> None:
+        """Something the routing snapshot carries changed outside the controller (endpoint keys)."""
+        with self._cv:
+            self._bump()
 
     def _bump(self) -> None:
         self.version += 1

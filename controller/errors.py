@@ -17,7 +17,8 @@ UNKNOWN_DEPLOYMENT = ErrorCode(1001, 404, "deployment not found",
 DEPLOYMENT_STOPPED = ErrorCode(1002, 503, "deployment stopped",
                                "Start it: `autodeploy start NAME` or set `spec.state: running`.")
 INSTANCE_START_FAILED = ErrorCode(1003, 502, "instance failed to start",
-                                  "Read the log lines in the message; fix `spec.command` or the image.")
+                                  "Read its log (`autodeploy logs NAME`, or the events in `autodeploy status NAME`); "
+                                  "fix `spec.command` or the image.")
 QUEUE_FULL = ErrorCode(1004, 503, "cold start queue full",
                        "Retry after the Retry-After seconds, or raise maxReplicas.")
 START_TIMEOUT = ErrorCode(1005, 504, "timed out waiting for an instance",
@@ -64,11 +65,10 @@ CROSS_SITE = ErrorCode(1034, 403, "cross-site request refused",
                        "Call the API from the gateway's own address; list other names the gateway is reached by "
                        "in autodeploy:gatewayHosts.")
 KEY_REQUIRED = ErrorCode(1035, 401, "endpoint key required",
-                         "This deployment is private: send `Authorization: Bearer <key>` "
-                         "(`autodeploy key create NAME`).")
+                         "This deployment is private: send `Authorization: Bearer <key>` with a key of it "
+                         "(`autodeploy key create NAME`); revoked keys stop working at once.")
 KEY_FORBIDDEN = ErrorCode(1036, 403, "endpoint key not allowed",
-                          "Use a key of this deployment; `Deploy-Route-Rule: scale-out` needs a key created "
-                          "with --scale-out.")
+                          "`Deploy-Route-Rule: scale-out` starts instances: it needs a key created with --scale-out.")
 CREDENTIAL_NOT_FOUND = ErrorCode(1037, 404, "token or key not found",
                                  "Pick a name listed by `autodeploy token list` or `autodeploy key list`.")
 NAME_TAKEN = ErrorCode(1038, 409, "name already in use",
@@ -132,6 +132,10 @@ TUNNEL_LIMIT = ErrorCode(1071, 503, "too many open WebSocket tunnels on this gat
 TUNNEL_UNSUPPORTED = ErrorCode(1072, 501, "this gateway server cannot hand over the connection",
                                "WebSocket needs the gunicorn gateway of `autodeploy serve` (it hands the "
                                "client socket to the tunnel); use it or the haproxy data plane.")
+
+# Where an error's detail turns into an instance's log lines: endpoint clients get the text
+# before it (gateway.app.public_error), the authenticated API and the events all of it.
+PRIVATE_DETAIL_MARKERS = ("last log lines:", "last failure:")
 
 ALL: tuple[ErrorCode, ...] = tuple(v for v in list(globals().values()) if isinstance(v, ErrorCode))
 BY_CODE: dict[int, ErrorCode] = {e.code: e for e in ALL}

@@ -39,7 +39,7 @@ class _Handler(socketserver.StreamRequestHandler):
             except (ValueError, KeyError, TypeError) as exc:
                 reply = {"error": AutoDeployError(errors.BAD_REQUEST, f"bad IPC message: {exc}").to_json()}
             try:
-                self.wfile.write(json.dumps(reply).encode() + b"\n")
+                self.wfile.write(self.server.redact(json.dumps(reply)).encode() + b"\n")
                 self.wfile.flush()
             except (BrokenPipeError, ConnectionResetError):
                 return
@@ -56,6 +56,8 @@ class IpcServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self.controller = controller
         # Extra ops (controller.auth.AuthService.handlers): handler(req, builtin) may wrap a built-in op.
         self.handlers = dict(handlers or {})
+        # Masks secret values in every reply (status, errors with log lines); set by serve.
+        self.redact: Any = lambda text: text
         super().__init__(path, _Handler)
         os.chmod(path, 0o600)
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2},

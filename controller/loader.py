@@ -721,6 +721,8 @@ def _to_deployment(doc: _Doc, filename: str) -> Deployment:
         image=spec.get("image"),
         env={k: v for k, v in env.items() if isinstance(v, str)},
         secret_env={k: v["secret"] for k, v in env.items() if isinstance(v, dict)},
+        secret_lines={k: doc.line_of(("spec", "env", k)) for k, v in env.items() if isinstance(v, dict)},
+        access=spec.get("access", "public"),
         resources=Resources(
             cpu=_opt_float(res.get("cpu")),
             memory_gb=_opt_float(res.get("memoryGb")),

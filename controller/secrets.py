@@ -18,7 +18,7 @@ import os
 import re
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from controller import errors
 from controller.errors import AutoDeployError
@@ -53,10 +53,13 @@ class SecretSource:
     verbatim keys (`StackConfig.extra`)."""
 
     def __init__(self, environ: Mapping[str, str] | None = None, stack_config: Mapping[str, Any] | None = None,
-                 stack_file: str = "the stack config") -> None:
+                 stack_file: str = "the stack config",
+                 decrypt: Callable[[str], str | None] | None = None) -> None:
         self.environ = dict(os.environ if environ is None else environ)
         self.config = dict(stack_config or {})
         self.stack_file = stack_file
+        self.decrypt = decrypt  # config key -> plain value, for Pulumi secrets (the Pulumi CLI)
+        self._decrypted: dict[str, str | None] = {}
 
     def lookup(self, key: str) -> Lookup:
         value = self.environ.get(env_name(key))
@@ -64,6 +67,11 @@ class SecretSource:
             return Lookup(value, True)
         raw = self.config.get(_config_key(key))
         if isinstance(raw, dict) and set(raw) == {"secure"}:
+            if self.decrypt is not None:
+                if key not in self._decrypted:
+                    self._decrypted[key] = self.decrypt(_config_key(key)) or None
+                if self._decrypted[key]:
+                    return Lookup(self._decrypted[key], True, encrypted=True)
             return Lookup(None, True, encrypted=True)
         if isinstance(raw, (str, int, float)) and not isinstance(raw, bool) and str(raw) != "":
             return Lookup(str(raw), True)
@@ -75,8 +83,8 @@ class SecretSource:
         if found.value is not None or (found.encrypted and usable_encrypted):
             return None
         if found.encrypted:
-            return (f"secret {key} is a Pulumi secret in {self.stack_file}, which only the Pulumi program can "
-                    f"decrypt; for this driver set {env_name(key)} in serve's environment")
+            return (f"secret {key} is a Pulumi secret in {self.stack_file} and the Pulumi CLI, which decrypts it, "
+                    f"is not on PATH (or could not decrypt it); set {env_name(key)} in serve's environment")
         return (f"secret {key} not found: set {env_name(key)} in serve's environment, or "
                 f"`pulumi config set --secret {_config_key(key)} VALUE` ({self.stack_file})")
 
@@ -90,6 +98,10 @@ class SecretSource:
                                       f"{self.problem(key, usable_encrypted=False)}")
             out[name] = found.value
         return out
+
+    def stack_only(self) -> "SecretSource":
+        """What the Pulumi program sees: the stack config alone (it reads no environment)."""
+        return SecretSource({}, self.config, self.stack_file, self.decrypt)
 
     def values(self, deployments: Iterable[Deployment]) -> list[str]:
         vals = []
@@ -131,7 +143,7 @@ def instance_env(dep: Deployment, secrets: Mapping[str, str], ours: Mapping[str,
 class Redactor:
     """Replaces known secret values in text; shared by the store's events and the log."""
 
-    MIN_LEN = 4  # shorter values would mask ordinary words
+    MIN_LEN = 6  # shorter values would mask ordinary words
 
     def __init__(self) -> None:
         self._values: tuple[str, ...] = ()
@@ -146,6 +158,22 @@ class Redactor:
             if v in text:
                 text = text.replace(v, MASK)
         return text
+
+    def json_text(self, text: str) -> str:
+        """Mask values inside the strings of a JSON document (never in its syntax or numbers)."""
+        if not any(v in text for v in self._values):
+            return text
+        import json
+
+        def walk(obj: Any) -> Any:
+            if isinstance(obj, str):
+                return self(obj)
+            if isinstance(obj, list):
+                return [walk(x) for x in obj]
+            if isinstance(obj, dict):
+                return {self(k) if isinstance(k, str) else k: walk(v) for k, v in obj.items()}
+            return obj
+        return json.dumps(walk(json.loads(text)))
 
 
 class RedactingFilter(logging.Filter):
@@ -164,3 +192,30 @@ class RedactingFilter(logging.Filter):
         if masked != message:
             record.msg, record.args = masked, None
         return True
+
+
+def pulumi_decrypter(stack: Any, project_dir: Any) -> Callable[[str], str | None] | None:
+    """`pulumi config get KEY` when the Pulumi CLI is installed (it holds the stack's secrets
+    provider: passphrase, cloud KMS...); None without it. Its errors name the key, never a value."""
+    import shutil
+    import subprocess
+    pulumi = shutil.which("pulumi")
+    if pulumi is None:
+        return None
+
+    def decrypt(config_key: str) -> str | None:
+        try:
+            proc = subprocess.run([pulumi, "config", "get", config_key, "--stack", stack.name, "--cwd",
+                                   str(project_dir)], capture_output=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        value = proc.stdout.decode("utf-8", "replace").rstrip("\r\n")
+        return value if proc.returncode == 0 and value else None
+    return decrypt
+
+
+def redact_logs(redactor: Redactor) -> None:
+    """Mask secret values in everything serve logs (every handler of the root logger)."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter(redactor))

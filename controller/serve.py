@@ -24,6 +24,7 @@ import requests
 
 from controller.auth import AuthService, AuthStore, HostPolicy, ensure_admin_token, is_loopback
 from controller.core import Controller
+from controller.secrets import Redactor, SecretSource, missing_secrets, pulumi_decrypter, redact_logs
 from controller.drivers.base import Driver
 from controller.errors import AutoDeployError
 from controller.gpus import NvmlGpuSource, discover_inventory
@@ -181,6 +182,12 @@ class Server:
         statedir.secure(opts.state_dir)
         self.store, self.store_problem = Store.open_checked(opts.state_dir / "autodeploy.db")
         self.auth = AuthStore(opts.state_dir / "autodeploy.db")
+        # Secret values: resolved for instances only; masked in events, IPC replies and serve's log.
+        self.secrets = SecretSource(os.environ, self.stack.extra, self.stack.source,
+                                    decrypt=pulumi_decrypter(self.stack, opts.project_dir))
+        self.redactor = Redactor()
+        self.store.redact = self.redactor
+        redact_logs(self.redactor)
         self.admin_token_path, created = ensure_admin_token(opts.state_dir, self.auth)
         if created:
             log.info("wrote the first admin token to %s (mode 0600); the CLI on this machine uses it",
@@ -190,6 +197,10 @@ class Server:
         self.driver = make_driver(self.driver_name, opts, self.stack, self.store, self.inventory, self.user_umask)
         self.controller = Controller(self.driver, self.store, inventory=self.inventory, prices=NodePrices(self.stack),
                                      queue_limit=opts.queue_limit, stop_timeout=opts.stop_timeout)
+        self.controller.keys_for = self.auth.key_table
+        self.auth.on_keys_changed = self.controller.routing_changed
+        if hasattr(self.driver, "secrets"):
+            self.driver.secrets = self.secrets.resolve
         self.ipc_path = _socket_path(opts.state_dir)
         self.counters_path = str(opts.state_dir / "counters.bin")
         self.inflight_path = str(opts.state_dir / "inflight.bin")
@@ -241,6 +252,17 @@ class Server:
     def _apply(self, update: SourceUpdate) -> None:
         for warning in update.result.warnings:
             log.warning("spec warning: %s", warning)
+        # A `{secret: KEY}` nobody can resolve is a FILE:LINE error: never an instance with an empty value.
+        pulumi = self.driver_name == "pulumi"  # the Pulumi program resolves secrets from the stack alone
+        missing = missing_secrets(update.result.deployments, self.secrets.stack_only() if pulumi else self.secrets,
+                                  usable_encrypted=pulumi)
+        if missing:
+            update.result.errors.extend(missing)
+            lacking = {(e.file, e.line) for e in missing}
+            update.result.deployments[:] = [
+                d for d in update.result.deployments
+                if not any((d.source_file, d.secret_lines.get(n, d.source_line)) in lacking for n in d.secret_env)]
+        self.redactor.set_values(self.secrets.values(update.result.deployments))
         self.controller.apply(update.result, commit=update.commit)
 
     def load(self) -> None:
@@ -268,6 +290,7 @@ class Server:
                         self.host, self.port)
         ipc = IpcServer(self.ipc_path, self.controller,
                         AuthService(self.auth, self.controller, self.opts.state_dir).handlers())
+        ipc.redact = self.redactor.json_text
         ipc.start()
         self.health.start()
         self.usage.start()
@@ -370,7 +393,10 @@ class Server:
                "--workers", str(o.workers), *worker_args,
                "--graceful-timeout", str(max(1, int(o.graceful_timeout))), "--keep-alive", "75",
                "--log-level", "warning", "--error-logfile", "-"]
-        env = dict(os.environ, AUTODEPLOY_IPC=self.ipc_path, AUTODEPLOY_COUNTERS=self.counters_path,
+        # Serve's secrets and tokens are not the gateway workers' business.
+        inherited = {k: v for k, v in os.environ.items()
+                     if not k.startswith("AUTODEPLOY_SECRET_") and k != "AUTODEPLOY_TOKEN"}
+        env = dict(inherited, AUTODEPLOY_IPC=self.ipc_path, AUTODEPLOY_COUNTERS=self.counters_path,
                    AUTODEPLOY_QUEUE_TIMEOUT=str(o.queue_timeout), AUTODEPLOY_INFLIGHT=self.inflight_path,
                    AUTODEPLOY_TRUSTED_PROXIES=",".join(self.trusted_proxies),
                    AUTODEPLOY_AUTH="off" if o.insecure_no_auth else "on",

@@ -101,6 +101,9 @@ class Deployment:
     # env name -> Pulumi config key; kept apart from `env` so secret values never
     # land in the spec, the store or a revision hash.
     secret_env: dict[str, str] = field(default_factory=dict)
+    # env name -> line of its `{secret: KEY}` in the file, for FILE:LINE errors.
+    secret_lines: dict[str, int] = field(default_factory=dict, compare=False, hash=False)
+    access: str = "public"  # public | private: the endpoint needs a key (controller.auth)
     labels: dict[str, str] = field(default_factory=dict)
     resources: Resources = field(default_factory=Resources)
     scaling: Scaling = field(default_factory=Scaling)

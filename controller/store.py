@@ -12,6 +12,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from controller.drivers.base import Instance
 
@@ -100,6 +101,8 @@ class Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.Lock()
+        # Masks secret values in event messages (controller.secrets.Redactor, set by serve).
+        self.redact: Callable[[str], str] = lambda text: text
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -218,7 +221,7 @@ class Store:
     def event(self, deployment: str, kind: str, message: str, instance: str | None = None,
               at: float | None = None) -> None:
         self._exec("INSERT INTO events (at, deployment, instance, kind, message) VALUES (?,?,?,?,?)",
-                   (time.time() if at is None else at, deployment, instance, kind, message))
+                   (time.time() if at is None else at, deployment, instance, kind, self.redact(message)))
 
     def events(self, deployment: str | None = None, limit: int = 50) -> list[Event]:
         if deployment:

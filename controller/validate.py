@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from controller.loader import load_paths
 
@@ -14,13 +14,14 @@ USAGE = "usage: autodeploy validate PATH... (Deployment YAML files, or directori
 
 
 def run_validate(paths: list[str], out: TextIO, err: TextIO, require_image: bool = False,
-                 local_gateway_port: int | None = None) -> int:
+                 local_gateway_port: int | None = None, secrets: Any = None) -> int:
     """Print every error as FILE:LINE: message to `err` and one line per valid deployment to `out`.
 
     Returns 0 when everything is valid, 1 when anything is invalid, 2 on a usage error.
     `require_image` applies the docker/pulumi drivers' rule that `spec.image` is set;
     `local_gateway_port` warns about commands that ignore ${PORT} (the local driver's trap).
     Warnings (`FILE:LINE: warning: ...`) go to `err` and never change the exit code.
+    `secrets` (controller.secrets.SecretSource): every `{secret: KEY}` must resolve from it.
     """
     if not paths:
         print(USAGE, file=err)
@@ -37,6 +38,13 @@ def run_validate(paths: list[str], out: TextIO, err: TextIO, require_image: bool
         print(f"autodeploy validate: no .yaml or .yml files in {', '.join(paths)}", file=err)
         return EXIT_USAGE
 
+    if secrets is not None:
+        from controller.secrets import missing_secrets
+        lacking = missing_secrets(result.deployments, secrets, usable_encrypted=True)
+        result.errors = sorted(result.errors + lacking, key=lambda e: (e.file, e.line))
+        bad = {(e.file, e.line) for e in lacking}
+        result.deployments = [d for d in result.deployments
+                              if not any((d.source_file, d.secret_lines.get(n)) in bad for n in d.secret_env)]
     for warning in result.warnings:
         print(_warning(warning), file=err)
     for error in result.errors:
@@ -74,3 +82,17 @@ def stack_gateway_port(project_dir: Path, stack: str) -> int | None:
 
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def stack_secrets(project_dir: Path, stack: str) -> Any:
+    """Where `{secret: KEY}` resolves for validate: serve's rule (the environment, then the
+    stack config, where a Pulumi secret counts as present: the Pulumi program decrypts it)."""
+    import os
+
+    from controller.secrets import SecretSource
+    from controller.stack import load_stack
+    try:
+        config = load_stack(project_dir, stack)
+    except Exception:  # noqa: BLE001 - no stack file here: the environment alone
+        return SecretSource(os.environ, {}, f"stacks/Pulumi.{stack}.yaml")
+    return SecretSource(os.environ, config.extra, config.source)

@@ -1,6 +1,7 @@
 """The gateway: `ANY /d/<name>/<path>` proxies to an instance; `/api/...` is the status API."""
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -12,7 +13,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.routing import PathConverter
 
 from controller import errors
-from controller.auth import HostPolicy
+from controller.auth import HostPolicy, endpoint_check
 from controller.errors import AutoDeployError
 from controller.ipc import IpcClient
 from controller.policy.balance import client_ip
@@ -51,6 +52,27 @@ def error_response(exc: AutoDeployError) -> Response:
 
 def _json_bytes(data: object) -> bytes:
     return json.dumps(data).encode()
+
+
+def peer_trusted(peer: str, trusted_proxies: tuple[str, ...]) -> bool:
+    """Whether the connecting peer is one of the trusted proxies (`--trusted-proxy`)."""
+    if not trusted_proxies:
+        return False
+    try:
+        addr = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    return any(addr in ipaddress.ip_network(net, strict=False) for net in trusted_proxies)
+
+
+def public_error(exc: AutoDeployError, name: str | None) -> AutoDeployError:
+    """The error as an endpoint client may see it: an instance's log lines stay in
+    `autodeploy logs`, the events and the authenticated API."""
+    cut = min((i for i in (exc.detail.find(m) for m in errors.PRIVATE_DETAIL_MARKERS) if i >= 0), default=-1)
+    if cut < 0:
+        return exc
+    detail = exc.detail[:cut].rstrip(" ;:,") + f" (its log: `autodeploy logs {name or 'NAME'}` and the status API)"
+    return AutoDeployError(exc.error, detail, exc.retry_after)
 
 
 def _hop_by_hop(headers: "object") -> set[str]:
@@ -129,8 +151,13 @@ class Proxy:
         self.tunnels = TunnelSlots(max_tunnels)
 
     def forward(self, name: str, path: str) -> Response:
-        # Endpoint keys (issue #12), when wired here, belong above this line: the check then
-        # covers WebSocket handshakes and the h2c/gRPC wake as well as plain requests.
+        # Endpoint keys first: the check covers WebSocket handshakes and the h2c/gRPC wake
+        # (HAProxy's Lua passes the client's Authorization on) as well as plain requests.
+        access, keys = self.router.access(name)
+        refusal = endpoint_check(access, keys, request.headers.get("Authorization"), request.headers.get(ROUTE_RULE))
+        if refusal is not None:
+            raise AutoDeployError(refusal.error, refusal.detail)
+        g.strip_authorization = access == "private"  # _upstream_headers: the key never reaches the instance
         if request.headers.get(WAKE_HEADER) == "1":
             return self.wake(name)
         protocol = self.router.protocol(name)
@@ -213,6 +240,7 @@ class Proxy:
             self.router.ipc.call("first_byte", instance=target.id, at=time.time())
         except AutoDeployError as exc:  # the static gateway has no starts to explain
             log.debug("first byte of %s not recorded: %s", target.id, exc)
+
     def wake(self, name: str) -> Response:
         """haproxy mode, an h2c/gRPC request at zero: HAProxy holds it and asks here for an
         instance (gateway/haproxy_config.py WAKE_LUA). Same cold start, queue and coded errors
@@ -307,14 +335,24 @@ class Proxy:
         return Hijacked()
 
     def _upstream_headers(self) -> list[tuple[str, str]]:
+        """What the instance gets: hop-by-hop headers, a private deployment's key and, from a
+        peer that is not a trusted proxy, every client-written forwarding header are removed;
+        X-Forwarded-For/-Proto/-Host are then written by us."""
+        client = request.remote_addr or ""
+        trusted = peer_trusted(client, self.trusted_proxies)
         drop = _hop_by_hop(request.headers) | {"host", ROUTE_RULE.lower(), "content-length",
                                                "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}
+        if g.get("strip_authorization"):
+            drop |= {"authorization"}  # a private deployment's endpoint key is ours, never the instance's
+        if not trusted:
+            drop |= {"forwarded", "x-real-ip"}
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in drop]
-        prior = request.headers.get("X-Forwarded-For")
-        client = request.remote_addr or ""
+        prior = request.headers.get("X-Forwarded-For") if trusted else None
         headers.append(("X-Forwarded-For", f"{prior}, {client}" if prior else client))
-        headers.append(("X-Forwarded-Proto", request.headers.get("X-Forwarded-Proto", request.scheme)))
-        headers.append(("X-Forwarded-Host", request.headers.get("X-Forwarded-Host", request.host)))
+        proto = request.headers.get("X-Forwarded-Proto") if trusted else None
+        host = request.headers.get("X-Forwarded-Host") if trusted else None
+        headers.append(("X-Forwarded-Proto", proto or request.scheme))
+        headers.append(("X-Forwarded-Host", host or request.host))
         return headers
 
     def _body(self) -> tuple[bytes | Iterator[bytes] | None, int | None]:
@@ -392,6 +430,8 @@ def create_app(ipc_path: str | None = None, counters_path: str | None = None, co
         name = (request.view_args or {}).get("name")
         if name is not None:  # unknown names are not labels: a client could mint endless series
             metrics.gateway_error(name if router.known(name) else "", exc.error.code)
+        if request.path.startswith("/d/"):
+            exc = public_error(exc, name)
         return error_response(exc)
 
     @app.get("/metrics")

@@ -37,3 +37,9 @@ def _install_json_errors() -> None:
 
 
 _install_json_errors()  # this file is imported by the master before it forks the workers
+
+# gunicorn believes X-Forwarded-Proto & co. from 127.0.0.1 by default and would make a
+# client's `X-Forwarded-Proto: https` the request's scheme; whom to believe is decided by
+# the gateway (--trusted-proxy), so gunicorn believes nobody.
+forwarded_allow_ips = ""
+secure_scheme_headers: dict[str, str] = {}

@@ -68,6 +68,7 @@ class Backend:
     protocol: str = "http"  # spec.protocol: h2c and grpc servers are spoken to over h2c (`proto h2`)
     tunnel_idle_timeout_s: float = DEFAULT_TUNNEL_IDLE_TIMEOUT_S  # spec.tunnelIdleTimeout: `timeout tunnel`
     tunnel_timeout_s: float = DEFAULT_TUNNEL_TIMEOUT_S  # spec.tunnelTimeout: enforced by the plane's sweep
+    private: bool = False  # spec.access: private: endpoint keys checked in the frontend (keys map)
 
     @property
     def section(self) -> str:
@@ -97,6 +98,7 @@ class Settings:
     socket_path: str = ""  # Runtime API (stats socket, level admin)
     log_path: str = ""  # request log: Unix datagram socket the controller reads
     revision_map: str = ""  # server name -> Deploy-Revision, kept over the Runtime API
+    keys_map: str = ""  # "<deployment>:<sha256 of key>" -> 1 (may scale out) | 0, kept over the Runtime API
     pid_file: str = ""
     maxconn: int = 8192
     trusted_proxies: tuple[str, ...] = ()
@@ -127,8 +129,14 @@ core.register_action("autodeploy_wake", {"http-req"}, function(txn, backend, nam
         return
     end
     local hc = core.httpclient()
+    local headers = {["%(header)s"] = {"1"}}
+    -- a private deployment's key goes on: the activator checks it before starting anything
+    local auth = txn.f:req_fhdr("authorization")
+    if auth ~= nil and auth ~= "" then
+        headers["authorization"] = {auth}
+    end
     local res = hc:get{url = "http://" .. host .. ":" .. port .. "/d/" .. name .. "/",
-                       headers = {["%(header)s"] = {"1"}}, timeout = math.floor(tonumber(wait_s) * 1000)}
+                       headers = headers, timeout = math.floor(tonumber(wait_s) * 1000)}
     local status = (res and res.status) or 0
     if status == 204 then
         for _ = 1, %(settle_polls)d do
@@ -170,7 +178,23 @@ def backend_of(dep: Mapping[str, Any], name: str) -> Backend:
                    request_timeout_s=float(dep.get("request_timeout") or DEFAULT_REQUEST_TIMEOUT_S),
                    protocol=str(dep.get("protocol") or "http"),
                    tunnel_idle_timeout_s=float(dep.get("tunnel_idle_timeout") or DEFAULT_TUNNEL_IDLE_TIMEOUT_S),
-                   tunnel_timeout_s=float(dep.get("tunnel_timeout") or DEFAULT_TUNNEL_TIMEOUT_S))
+                   tunnel_timeout_s=float(dep.get("tunnel_timeout") or DEFAULT_TUNNEL_TIMEOUT_S),
+                   private=dep.get("access") == "private")
+
+
+def keys_of(deps: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """The keys map's entries for a routing snapshot: `<deployment>:<key hash>` -> "1" when
+    the key may use `Deploy-Route-Rule: scale-out`, else "0" (controller.auth.endpoint_check)."""
+    out = {}
+    for name, dep in deps.items():
+        if dep.get("access") == "private":
+            for key_hash, scale_out in (dep.get("keys") or {}).items():
+                out[f"{name}:{key_hash}"] = "1" if scale_out else "0"
+    return out
+
+
+def keys_map_text(entries: Mapping[str, str]) -> str:
+    return "".join(f"{k} {v}\n" for k, v in sorted(entries.items()))
 
 
 def server_weights(dep: Mapping[str, Any]) -> dict[str, int]:
@@ -314,6 +338,7 @@ def render(settings: Settings, backends: Iterable[Backend],
     w(f"    http-request set-var(txn.hdep) req.hdr({DEPLOYMENT_HEADER}) if {{ req.hdr({DEPLOYMENT_HEADER}) -m found }}")
     w("    http-request set-var(txn.hdep) req.hdr(host),field(1,:),field(1,.) if !{ var(txn.hdep) -m found }")
     w(f"    http-request del-header {WAKE_HEADER}")
+    _endpoint_keys(w, s, [b for b in backends if b.private])
     if s.lua_path:
         for b in backends:
             if b.protocol == "http":
@@ -344,6 +369,37 @@ def render(settings: Settings, backends: Iterable[Backend],
     return "\n".join(out) + "\n"
 
 
+def _endpoint_keys(w, s: Settings, private: list[Backend]) -> None:
+    """Private deployments: the key's SHA-256 must be in the keys map under the deployment,
+    and `Deploy-Route-Rule: scale-out` needs its value 1; the same rule and codes as the
+    activator (controller.auth.endpoint_check), which checks again what it is sent. An h2c or
+    gRPC deployment reached by header or host name (txn.hdep) is checked the same way, before
+    the wake that would start an instance for it."""
+    if not private:
+        return
+    if not s.keys_map:
+        raise ValueError("private deployments need Settings.keys_map")
+    names = " ".join(b.name for b in private)
+    by_host = " ".join(b.name for b in private if b.protocol != "http")
+    w("    http-request set-var(txn.kdep) var(txn.dep) if { var(txn.dep) -m found }")
+    if by_host:
+        w(f"    http-request set-var(txn.kdep) var(txn.hdep) if !{{ path_beg /d/ }} {{ var(txn.hdep) -m str {by_host} }}")
+    w("    http-request set-var(txn.keyhash) req.fhdr(authorization),regsub('^bearer +','',i),sha2(256),hex,lower "
+      "if { req.fhdr(authorization) -m reg -i '^bearer +[^ ]+$' }")
+    w(f"    http-request set-var(txn.keyperm) var(txn.kdep),concat(:,txn.keyhash),map({s.keys_map}) "
+      "if { var(txn.keyhash) -m found }")
+    w(f"    acl private_dep var(txn.kdep) -m str {names}")
+    required = json.dumps({"code": errors.KEY_REQUIRED.code,
+                           "msg": f"{errors.KEY_REQUIRED.msg}: this deployment is private; "
+                                  "send Authorization: Bearer <key> with a key of it"})
+    forbidden = json.dumps({"code": errors.KEY_FORBIDDEN.code,
+                            "msg": f"{errors.KEY_FORBIDDEN.msg}: this key may not use Deploy-Route-Rule: scale-out"})
+    w(f"    http-request return status 401 content-type application/json string {_quote(required)} "
+      "hdr WWW-Authenticate 'Bearer realm=\"autodeploy\"' if private_dep !{ var(txn.keyperm) -m found }")
+    w(f"    http-request return status 403 content-type application/json string {_quote(forbidden)} "
+      "if private_dep { req.hdr(Deploy-Route-Rule) -i scale-out } !{ var(txn.keyperm) -m str 1 }")
+
+
 def _client_address(w, trusted: tuple[str, ...]) -> None:
     """txn.client: the client's address for ip-hash, believing X-Forwarded-For only from
     trusted proxies, hop by hop from the right (controller.policy.balance.client_ip)."""
@@ -354,6 +410,30 @@ def _client_address(w, trusted: tuple[str, ...]) -> None:
     for hop in range(1, XFF_HOPS + 1):
         w(f"    http-request set-var(txn.client) req.hdr_ip(X-Forwarded-For,-{hop}) "
           f"if {{ var(txn.client) -m ip {nets} }} {{ req.hdr_ip(X-Forwarded-For,-{hop}) -m found }}")
+
+
+def _forwarded(w, trusted: tuple[str, ...]) -> None:
+    """X-Forwarded-For/-Proto/-Host as the python data plane writes them: a trusted proxy's
+    are kept ("prior, client" for the address), anyone else's replaced, and `Forwarded` and
+    `X-Real-IP` dropped (gateway.app.Proxy._upstream_headers)."""
+    if trusted:
+        nets = " ".join(str(ipaddress.ip_network(t, strict=False)) for t in trusted)
+        w(f"    acl from_trusted src {nets}")
+        untrusted = "!from_trusted"
+        w('    http-request set-header X-Forwarded-For "%[req.fhdr(X-Forwarded-For)], %[src]" '
+          "if from_trusted { req.fhdr(X-Forwarded-For) -m found }")
+        w("    http-request set-header X-Forwarded-For %[src] if !from_trusted or !{ req.fhdr(X-Forwarded-For) -m found }")
+        w("    http-request set-header X-Forwarded-Proto http if !from_trusted or !{ req.hdr(X-Forwarded-Proto) -m found }")
+        w("    http-request set-header X-Forwarded-Host %[req.hdr(host)] "
+          "if !from_trusted or !{ req.hdr(X-Forwarded-Host) -m found }")
+        w(f"    http-request del-header Forwarded if {untrusted}")
+        w(f"    http-request del-header X-Real-IP if {untrusted}")
+        return
+    w("    http-request set-header X-Forwarded-For %[src]")
+    w("    http-request set-header X-Forwarded-Proto http")
+    w("    http-request set-header X-Forwarded-Host %[req.hdr(host)]")
+    w("    http-request del-header Forwarded")
+    w("    http-request del-header X-Real-IP")
 
 
 def _backend(w, s: Settings, b: Backend, servers: Iterable[Server]) -> None:
@@ -367,12 +447,9 @@ def _backend(w, s: Settings, b: Backend, servers: Iterable[Server]) -> None:
         w("    balance roundrobin")
     w(f"    timeout server {_s(b.request_timeout_s)}")
     w(f"    timeout tunnel {_s(b.tunnel_idle_timeout_s)}")  # WebSocket: no byte either way for this long
-    # One X-Forwarded-For line, "prior, client", as the python data plane writes it.
-    w('    http-request set-header X-Forwarded-For "%[req.fhdr(X-Forwarded-For)], %[src]" '
-      "if { req.fhdr(X-Forwarded-For) -m found }")
-    w("    http-request set-header X-Forwarded-For %[src] if !{ req.fhdr(X-Forwarded-For) -m found }")
-    w("    http-request set-header X-Forwarded-Proto http if !{ req.hdr(X-Forwarded-Proto) -m found }")
-    w("    http-request set-header X-Forwarded-Host %[req.hdr(host)] if !{ req.hdr(X-Forwarded-Host) -m found }")
+    if b.private:
+        w("    http-request del-header Authorization")  # the endpoint key is ours, never the instance's
+    _forwarded(w, s.trusted_proxies)
     w(f"    http-request replace-path ^/d/{b.name}/?(.*) /\\1")
     # gRPC: the controller checks with the gRPC health protocol and takes a failing instance
     # out of the snapshot, hence out of this backend; HAProxy itself only checks TCP.

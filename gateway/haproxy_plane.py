@@ -36,8 +36,8 @@ import psutil
 
 from controller import errors
 from controller.errors import AutoDeployError
-from gateway.haproxy_config import (WAKE_LUA, Backend, Server, Settings, backend_name, backend_of, render,
-                                    revision_map_text, server_options, servers_of, tunnels_to_check)
+from gateway.haproxy_config import (WAKE_LUA, Backend, Server, Settings, backend_name, backend_of, keys_map_text,
+                                    keys_of, render, revision_map_text, server_options, servers_of, tunnels_to_check)
 from gateway.haproxy_runtime import RequestLog, RuntimeApi, ServerStat
 
 log = logging.getLogger("autodeploy.haproxy")
@@ -224,6 +224,7 @@ class HaproxyDataPlane:
                                     "log_path": str(rdir / "haproxy-log.sock"),
                                     "revision_map": str(state_dir.resolve() / "haproxy" / "revisions.map"),
                                     "lua_path": str(state_dir.resolve() / "haproxy" / "wake.lua"),
+                                    "keys_map": str(state_dir.resolve() / "haproxy" / "keys.map"),
                                     "pid_file": ""})
         self.api = RuntimeApi(self.settings.socket_path)
         self.process = HaproxyProcess(binary, state_dir.resolve(), self.api)
@@ -239,6 +240,7 @@ class HaproxyDataPlane:
         self._last_stats: list[ServerStat] = []
         self._busy: dict[tuple[str, str], int] = {}  # (backend, server) -> last in-flight count
         self._master: int | None = None  # `show stat` after the last apply
+        self._keys: dict[str, str] = {}  # the keys map as HAProxy has it (private deployments' key hashes)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.adopted = False
@@ -258,8 +260,13 @@ class HaproxyDataPlane:
             self.adopted = True
             log.info("adopted the running HAProxy (master pid %s)", pid)
             self._map = self.api.show_map(self.settings.revision_map)
+            try:
+                self._keys = self.api.show_map(self.settings.keys_map)
+            except AutoDeployError:
+                self._keys = {}  # its config has no private deployment: the map is not loaded
         else:
             text = render(self.settings, [])
+            self._write_keys({})
             pid = self.process.start(text, self.settings.revision_map, "")
             self._backends = {}
             self._map = {}
@@ -315,12 +322,15 @@ class HaproxyDataPlane:
         deps = snapshot["deployments"]
         backends = {name: backend_of(dep, name) for name, dep in deps.items()}
         desired = {name: servers_of(dep) for name, dep in deps.items()}
+        keys = keys_of(deps)
         changed = False
         if self._backends is not None and not self._master_alive():
             self._backends = None  # HAProxy is gone: start it again with everything
         if backends != self._backends:
-            self._reload(backends, desired)
+            self._reload(backends, desired, keys)
             changed = True
+        if any(b.private for b in backends.values()):
+            changed |= self._ensure_keys(keys)
         stats = self.api.show_stat()
         actual = {(s.backend, s.name): s for s in stats}
         wanted = {(backends[name].section, srv.id) for name, servers in desired.items() for srv in servers}
@@ -350,9 +360,11 @@ class HaproxyDataPlane:
         self._master = self.process.master_pid()
         return self._master is not None
 
-    def _reload(self, backends: dict[str, Backend], desired: dict[str, list[Server]]) -> None:
+    def _reload(self, backends: dict[str, Backend], desired: dict[str, list[Server]],
+                keys: dict[str, str] | None = None) -> None:
         text = render(self.settings, backends.values(), desired)
         map_text = revision_map_text(desired)
+        self._write_keys(keys or {})
         if self.process.master_pid() is None:  # it died (or was killed): serve goes on with a new one
             log.error("HAProxy was not running: starting it again with %d backend(s)", len(backends))
             pid = self.process.start(text, self.settings.revision_map, map_text)
@@ -362,7 +374,29 @@ class HaproxyDataPlane:
             log.info("HAProxy reloaded: backends %s", ", ".join(sorted(backends)) or "none")
         self._backends = dict(backends)
         self._map = self.api.show_map(self.settings.revision_map)
+        self._keys = dict(keys or {}) if any(b.private for b in backends.values()) else {}
         self._stot.clear()
+
+    def _write_keys(self, keys: dict[str, str]) -> None:
+        """The keys map file HAProxy loads at a (re)load; only hashes, owner-only."""
+        path = Path(self.settings.keys_map)
+        fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(keys_map_text(keys))
+
+    def _ensure_keys(self, keys: dict[str, str]) -> bool:
+        """Endpoint keys over the Runtime API: a new or revoked key needs no reload."""
+        changed = False
+        for k, v in keys.items():
+            if self._keys.get(k) != v:
+                self.api.set_map(self.settings.keys_map, k, v, k in self._keys)
+                self._keys[k] = v
+                changed = True
+        for k in [k for k in self._keys if k not in keys]:
+            self.api.del_map(self.settings.keys_map, k)
+            self._keys.pop(k, None)
+            changed = True
+        return changed
 
     def _ensure_server(self, b: Backend, srv: Server, st: ServerStat | None) -> bool:
         be = b.section

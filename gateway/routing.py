@@ -157,6 +157,18 @@ class Router:
     def known(self, name: str) -> bool:
         return name in self._snapshot["deployments"]
 
+    def access(self, name: str) -> tuple[str, dict[str, bool]]:
+        """spec.access of a deployment and its endpoint keys (hash -> may scale out), from the
+        snapshot. Unknown: 1001 (the worker routes nothing it has no entry for, so a
+        deployment is never reached before its access rule is known here)."""
+        if not self._synced.is_set():
+            self.wait_synced(5.0)
+        dep = self._snapshot["deployments"].get(name)
+        if dep is None:
+            self.deployment(name)  # raises 1011 before the first sync, else 1001
+        assert dep is not None
+        return str(dep.get("access", "public")), dep.get("keys") or {}
+
     def sticky(self, name: str) -> bool:
         """stickySessions of a deployment (False once it is gone from the snapshot)."""
         return bool(self._snapshot["deployments"].get(name, {}).get("sticky"))

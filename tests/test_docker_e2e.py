@@ -84,7 +84,8 @@ def test_container_that_exits_fails_held_requests_with_exit_code_and_logs(serve,
     s = serve({"dcrash.yaml": docker_yaml("dcrash", image, "echo no weights here; exit 4")}, "--driver", "docker")
     r = s.get("/d/dcrash/")
     assert (r.status_code, r.json()["code"]) == (502, 1003)
-    assert "exited with code 4" in r.json()["msg"] and "no weights here" in r.json()["msg"]
+    assert "exited with code 4" in r.json()["msg"] and "no weights here" not in r.json()["msg"]
+    assert "no weights here" in s.status("dcrash")["last_error"]  # the log tail: authenticated API only
     s.wait_for(lambda: not ours(client, "dcrash"), what="crashed container removed")
     assert "failed" in [e["kind"] for e in s.status("dcrash")["events"]]
 

@@ -31,6 +31,7 @@ from controller.errors import DRIVER_FAILED, IMAGE_MISSING, NODE_UNREACHABLE, Au
 from controller.gpus import Gpu
 from controller.nodes import PROBE_COMMAND, NodeBook, NodeState, declared_gpus, parse_probe_output
 from controller.spec import Deployment
+from controller.secrets import SecretSource
 from controller.stack import NodeConfig
 
 log = logging.getLogger("autodeploy.docker")
@@ -215,6 +216,8 @@ class DockerDriver:
         self.base_url = base_url
         self.owner = owner  # labels our containers, so a serve that lost its store finds its own
         self.timeout = timeout
+        # `{secret: KEY}` values for an instance (serve sets the stack-aware source).
+        self.secrets: Callable[[Deployment], dict[str, str]] = SecretSource().resolve
         self.ping_timeout = ping_timeout
         self.clock = clock
         self.on_event = on_event or (lambda node, kind, msg: log.info("node %s %s: %s", node, kind, msg))
@@ -360,6 +363,8 @@ class DockerDriver:
         if not self._reachable(engine):
             raise AutoDeployError(NODE_UNREACHABLE, f"node {engine.node.name}: {self.nodes.get(engine.node.name).error}")
         config = self.container_config(dep, instance_id, gpu_ids, node=engine.node.name)
+        # Resolved here, never in container_config: its result is inspected and logged by tests.
+        config["environment"] = {**dep.env, **self.secrets(dep), **config["environment"]}
         with self._on(engine, f"checking image {dep.image!r}"):
             try:
                 engine.client.images.get(config["image"])

@@ -9,10 +9,12 @@ import subprocess
 import time
 from collections import deque
 from pathlib import Path
+from typing import Callable
 
 import psutil
 
 from controller.drivers.base import Exit, Instance
+from controller.secrets import SecretSource, instance_env
 from controller.spec import Deployment
 
 _PORT_REF = re.compile(r"\$\{?PORT\b")
@@ -51,6 +53,8 @@ class LocalDriver:
         self.workdir = workdir
         # serve keeps its own files private (umask 077); instances get the user's umask back.
         self.umask = umask
+        # `{secret: KEY}` values for an instance (serve sets the stack-aware source).
+        self.secrets: Callable[[Deployment], dict[str, str]] = SecretSource().resolve
         self._procs: dict[str, subprocess.Popen | psutil.Process] = {}
         self._ps_cache: dict[int, psutil.Process] = {}  # for stats(): psutil keeps CPU baselines per object
 
@@ -58,12 +62,12 @@ class LocalDriver:
         uses_port = bool(_PORT_REF.search(dep.command))
         port = free_port() if uses_port else dep.port
         command = dep.command.replace("${PORT}", str(port))
-        env = dict(os.environ)
-        env.update(dep.env)
-        env.update({"PORT": str(port), "AUTODEPLOY_INSTANCE_ID": instance_id,
-                    "AUTODEPLOY_DEPLOYMENT": dep.name, "AUTODEPLOY_REVISION": dep.revision,
-                    # With the id, how `discover` finds this process when the store is lost.
-                    STATE_DIR_ENV: str(self.state_dir), "PYTHONUNBUFFERED": "1"})
+        ours = {"PORT": str(port), "AUTODEPLOY_INSTANCE_ID": instance_id,
+                "AUTODEPLOY_DEPLOYMENT": dep.name, "AUTODEPLOY_REVISION": dep.revision,
+                # With the id, how `discover` finds this process when the store is lost.
+                STATE_DIR_ENV: str(self.state_dir), "PYTHONUNBUFFERED": "1"}
+        # A clean environment: nothing of serve's (its tokens, AUTODEPLOY_SECRET_*) but PATH, HOME, LANG, TZ.
+        env = instance_env(dep, self.secrets(dep), ours)
         if gpu_ids:
             # NVML UUIDs are valid CUDA_VISIBLE_DEVICES entries; GPUs declared in the
             # stack config have no real UUID, so they are named by index.
