@@ -253,7 +253,7 @@ class Operations:
             edit = edits.classify(prev, row.content)
             out.append({"number": row.number, "revision": row.revision, "applied_at": row.applied_at,
                         "file": row.source_file, "kind": edit.kind if prev is not None else "created",
-                        "changes": [str(c) for c in edit.changes] if prev is not None else [],
+                        "changes": [_shown(c) for c in edit.changes] if prev is not None else [],
                         "serving": row.number == serving, "file_revision": row.number == git_number,
                         "commit": row.commit.to_json() if row.commit else None})
             prev = row.content
@@ -331,6 +331,14 @@ class Operations:
             return None
         rows = [r for r in self.c.store.revisions(name) if r.revision == git.revision]
         return rows[-1].number if rows else None
+
+
+def _shown(change: Any) -> str:
+    """A change for the history: environment values are never printed (they may be secrets)."""
+    if change.path == "spec.env" or change.path.startswith("spec.env."):
+        verb = "set" if change.old is None else "removed" if change.new is None else "changed"
+        return f"{change.path}: {verb} (spec.env values are not shown)"
+    return str(change)
 
 
 def _int(value: Any, what: str) -> int:

@@ -358,6 +358,7 @@ def gateway_routes(deployments: Sequence[Deployment], plans: Sequence[ContainerP
             "stickySessions": dep.load_balancer.sticky_sessions,
             "healthCheckPath": check.path if check else None,
             "requestTimeout": dep.request_timeout_s,
+            "access": dep.access,  # private: the static gateway checks AUTODEPLOY_ENDPOINT_KEYS
             "instances": [{"id": p.slot_name, "address": addresses.get(p.slot_name, p.network_address)}
                           for p in plans if p.deployment == dep.name],
         }

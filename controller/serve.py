@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -212,6 +213,8 @@ class Server:
         self.stop = threading.Event()
         self.gunicorn: subprocess.Popen | None = None
         self.data_plane_name, self.data_plane_why = _choose_data_plane(opts.data_plane or self.stack.data_plane)
+        self.tls_cert = self._tls_certificate()
+        self.scheme = "https" if self.tls_cert else "http"
         self.plane = None  # gateway.haproxy_plane.HaproxyDataPlane in haproxy mode
         self.source = self._make_source()
         self.watcher = SourceWatcher(self.source, self._apply, events=self._source_events)
@@ -312,7 +315,7 @@ class Server:
             else:
                 self.gunicorn = self._spawn_gateway(self.host, self.port)
             if self._wait_ready():
-                print(f"autodeploy ready: http://{self.host}:{self.port}/api/deployments "
+                print(f"autodeploy ready: {self.scheme}://{self.host}:{self.port}/api/deployments "
                       f"(endpoints at /d/<name>/)", flush=True)
             while not self.stop.is_set():
                 if self.gunicorn.poll() is not None:
@@ -324,6 +327,21 @@ class Server:
         finally:
             self._shutdown(ipc)
         return 1 if failed else 0
+
+    def _tls_certificate(self) -> str:
+        """autodeploy:tlsCertificate: HAProxy terminates TLS with it; python mode cannot."""
+        configured = self.stack.tls_certificate
+        if not configured:
+            return ""
+        path = Path(configured) if Path(configured).is_absolute() else self.opts.project_dir / configured
+        if self.data_plane_name != "haproxy":
+            raise SystemExit(f"{self.stack.source}: autodeploy:tlsCertificate is served by HAProxy, but the data "
+                             f"plane is {self.data_plane_name}: use --data-plane haproxy, or terminate TLS in "
+                             "front of the gateway and remove the key")
+        if not path.is_file():
+            raise SystemExit(f"{self.stack.source}: autodeploy:tlsCertificate {path} is not a file; it must be a "
+                             "PEM with the certificate chain and the private key (HAProxy's `crt`)")
+        return str(path.resolve())
 
     def _check_bind(self) -> None:
         """Exit non-zero, saying why, when the gateway's address cannot be listened on."""
@@ -370,6 +388,7 @@ class Server:
         ipc = IpcClient(self.ipc_path)
         settings = Settings(bind_host=self.host, bind_port=self.port, activator_host="127.0.0.1",
                             activator_port=self._activator_port(), trusted_proxies=self.trusted_proxies,
+                            tls_cert=self.tls_cert,
                             queue_timeout_s=self.opts.queue_timeout, maxconn=_haproxy_maxconn())
         # Warm requests never reach the gateway workers: the data plane counts them into the
         # same multiprocess Prometheus files (gateway/metrics.py), so /metrics keeps its fields.
@@ -411,13 +430,17 @@ class Server:
         return subprocess.Popen(cmd, env=env, cwd=str(o.project_dir), preexec_fn=_die_with_parent)
 
     def _wait_ready(self, timeout: float = 30.0) -> bool:
-        url = f"http://{self.host}:{self.port}/healthz"
+        url = f"{self.scheme}://{self.host}:{self.port}/healthz"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not self.stop.is_set():
             if self.gunicorn is not None and self.gunicorn.poll() is not None:
                 return False
             try:
-                if requests.get(url, timeout=1).status_code == 200:
+                # Our own certificate may be self-signed: this only asks whether the gateway answers.
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    answered = requests.get(url, timeout=1, verify=False).status_code == 200
+                if answered:
                     return True
             except requests.RequestException:
                 pass

@@ -130,6 +130,8 @@ class StackConfig:
     data_plane: str | None = None
     # Names clients reach the gateway by (besides its bind address): the API checks Host and Origin.
     gateway_hosts: list[str] = field(default_factory=list)
+    # PEM file (certificate chain and private key) HAProxy terminates TLS with; relative to the project.
+    tls_certificate: str | None = None
     prices: Prices = field(default_factory=Prices)
     # autodeploy:nodes; empty: one node from dockerHost and gpus (see `effective_nodes`).
     nodes: list[NodeConfig] = field(default_factory=list)
@@ -531,6 +533,7 @@ _KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "git": ("git", _git),
     "dataPlane": ("data_plane", _data_plane),
     "gatewayHosts": ("gateway_hosts", _host_names),
+    "tlsCertificate": ("tls_certificate", lambda v: _as_text(v, "value")),
 }
 
 

@@ -27,6 +27,7 @@ from controller.errors import ErrorCode
 ACTIVATOR = "activator"
 FRONTEND = "gateway"
 PEER_HEADER = "X-Autodeploy-Peer"  # the client address HAProxy saw, for the activator only
+PROTO_HEADER = "X-Autodeploy-Proto"  # "https" when HAProxy terminated TLS, for the activator only
 COOKIE_PREFIX = "autodeploy-"  # gateway.balancer.cookie_name: same cookie in both data planes
 LOG_TAG = "AD1"  # request log lines start with it; HAProxy's own notices do not
 DEFAULT_REQUEST_TIMEOUT_S = 300.0
@@ -99,6 +100,7 @@ class Settings:
     log_path: str = ""  # request log: Unix datagram socket the controller reads
     revision_map: str = ""  # server name -> Deploy-Revision, kept over the Runtime API
     keys_map: str = ""  # "<deployment>:<sha256 of key>" -> 1 (may scale out) | 0, kept over the Runtime API
+    tls_cert: str = ""  # PEM (chain + key): the frontend terminates TLS (autodeploy:tlsCertificate)
     pid_file: str = ""
     maxconn: int = 8192
     trusted_proxies: tuple[str, ...] = ()
@@ -330,8 +332,9 @@ def render(settings: Settings, backends: Iterable[Backend],
         w(f"    http-error status {code} content-type application/json string {_quote(error_body(code, err))}")
     w("")
     w(f"frontend {FRONTEND}")
-    w(f"    bind {s.bind_host}:{int(s.bind_port)}")
+    w(f"    bind {s.bind_host}:{int(s.bind_port)}" + (f" ssl crt {s.tls_cert}" if s.tls_cert else ""))
     w(f"    http-request del-header {PEER_HEADER}")
+    w(f"    http-request del-header {PROTO_HEADER}")
     w("    http-request set-var(txn.dep) path,field(3,/) if { path_beg /d/ }")
     # h2c/gRPC deployments are also named by a header (gRPC metadata) or by the first label of
     # the :authority (Host), since gRPC clients put /package.Service/Method in the path.
@@ -364,6 +367,8 @@ def render(settings: Settings, backends: Iterable[Backend],
     w(f"backend {ACTIVATOR}")
     w("    http-request set-log-level silent")  # the activator reports its own metrics
     w(f"    http-request set-header {PEER_HEADER} %[src]")
+    if s.tls_cert:
+        w(f"    http-request set-header {PROTO_HEADER} https")
     w(f"    timeout server {_s(s.queue_timeout_s + longest + 10)}")
     w(f"    server {ACTIVATOR} {s.activator_host}:{int(s.activator_port)}{_dns(s)}")
     return "\n".join(out) + "\n"
@@ -412,7 +417,7 @@ def _client_address(w, trusted: tuple[str, ...]) -> None:
           f"if {{ var(txn.client) -m ip {nets} }} {{ req.hdr_ip(X-Forwarded-For,-{hop}) -m found }}")
 
 
-def _forwarded(w, trusted: tuple[str, ...]) -> None:
+def _forwarded(w, trusted: tuple[str, ...], proto: str = "http") -> None:
     """X-Forwarded-For/-Proto/-Host as the python data plane writes them: a trusted proxy's
     are kept ("prior, client" for the address), anyone else's replaced, and `Forwarded` and
     `X-Real-IP` dropped (gateway.app.Proxy._upstream_headers)."""
@@ -423,14 +428,15 @@ def _forwarded(w, trusted: tuple[str, ...]) -> None:
         w('    http-request set-header X-Forwarded-For "%[req.fhdr(X-Forwarded-For)], %[src]" '
           "if from_trusted { req.fhdr(X-Forwarded-For) -m found }")
         w("    http-request set-header X-Forwarded-For %[src] if !from_trusted or !{ req.fhdr(X-Forwarded-For) -m found }")
-        w("    http-request set-header X-Forwarded-Proto http if !from_trusted or !{ req.hdr(X-Forwarded-Proto) -m found }")
+        w(f"    http-request set-header X-Forwarded-Proto {proto} "
+          "if !from_trusted or !{ req.hdr(X-Forwarded-Proto) -m found }")
         w("    http-request set-header X-Forwarded-Host %[req.hdr(host)] "
           "if !from_trusted or !{ req.hdr(X-Forwarded-Host) -m found }")
         w(f"    http-request del-header Forwarded if {untrusted}")
         w(f"    http-request del-header X-Real-IP if {untrusted}")
         return
     w("    http-request set-header X-Forwarded-For %[src]")
-    w("    http-request set-header X-Forwarded-Proto http")
+    w(f"    http-request set-header X-Forwarded-Proto {proto}")
     w("    http-request set-header X-Forwarded-Host %[req.hdr(host)]")
     w("    http-request del-header Forwarded")
     w("    http-request del-header X-Real-IP")
@@ -449,7 +455,7 @@ def _backend(w, s: Settings, b: Backend, servers: Iterable[Server]) -> None:
     w(f"    timeout tunnel {_s(b.tunnel_idle_timeout_s)}")  # WebSocket: no byte either way for this long
     if b.private:
         w("    http-request del-header Authorization")  # the endpoint key is ours, never the instance's
-    _forwarded(w, s.trusted_proxies)
+    _forwarded(w, s.trusted_proxies, "https" if s.tls_cert else "http")
     w(f"    http-request replace-path ^/d/{b.name}/?(.*) /\\1")
     # gRPC: the controller checks with the gRPC health protocol and takes a failing instance
     # out of the snapshot, hence out of this backend; HAProxy itself only checks TCP.

@@ -23,8 +23,17 @@ from controller.policy.status import status_word
 FIXED = "instances are fixed by the Pulumi stack: change autodeploy:replicas and run `pulumi up`"
 
 
-def parse_routes(routes: dict[str, Any]) -> dict[str, Any]:
-    """AUTODEPLOY_ROUTES (see controller.pulumi_program.gateway_routes) as a routing snapshot."""
+def parse_routes(routes: dict[str, Any], keys: str = "") -> dict[str, Any]:
+    """AUTODEPLOY_ROUTES (see controller.pulumi_program.gateway_routes) as a routing snapshot.
+    `keys`: AUTODEPLOY_ENDPOINT_KEYS, `deployment:sha256hex:1|0` items (1: may scale out),
+    comma-separated; a private deployment without any refuses every request (1035)."""
+    table: dict[str, dict[str, bool]] = {}
+    for item in (k.strip() for k in keys.split(",") if k.strip()):
+        parts = item.split(":")
+        if len(parts) != 3 or len(parts[1]) != 64 or parts[2] not in ("0", "1"):
+            raise AutoDeployError(errors.SPEC_INVALID, f"AUTODEPLOY_ENDPOINT_KEYS item {parts[0]!r} must be "
+                                  "deployment:sha256-hex:1|0")
+        table.setdefault(parts[0], {})[parts[1].lower()] = parts[2] == "1"
     if routes.get("version") != 1 or not isinstance(routes.get("deployments"), dict):
         raise AutoDeployError(errors.SPEC_INVALID, "AUTODEPLOY_ROUTES must be {\"version\": 1, \"deployments\": {...}}")
     deps = {}
@@ -37,6 +46,8 @@ def parse_routes(routes: dict[str, Any]) -> dict[str, Any]:
         deps[name] = {"state": dep.get("state", "running"), "algorithm": dep.get("algorithm", "round-robin"),
                       "sticky": bool(dep.get("stickySessions")), "rr_slot": slot, "revision": 1, "split": None,
                       "request_timeout": float(dep.get("requestTimeout", 300.0)),
+                      "access": "private" if dep.get("access") == "private" else "public",
+                      "keys": table.get(name, {}),
                       "ready": ready if dep.get("state", "running") == "running" else []}
     return {"version": 1, "deployments": deps}
 
@@ -58,8 +69,8 @@ def parse_tokens(text: str) -> dict[str, dict]:
 class StaticControlPlane:
     """Answers the gateway's control calls (the `IpcClient.call` interface) from fixed routes."""
 
-    def __init__(self, routes: dict[str, Any], tokens: str = "") -> None:
-        self.snapshot = parse_routes(routes)
+    def __init__(self, routes: dict[str, Any], tokens: str = "", keys: str = "") -> None:
+        self.snapshot = parse_routes(routes, keys)
         self.tokens = parse_tokens(tokens)
         self._idle = threading.Event()
 
@@ -68,7 +79,8 @@ class StaticControlPlane:
         raw = os.environ.get("AUTODEPLOY_ROUTES")
         if not raw:
             raise AutoDeployError(errors.SPEC_INVALID, "AUTODEPLOY_ROUTES is not set; the Pulumi program sets it")
-        return cls(json.loads(raw), os.environ.get("AUTODEPLOY_API_TOKENS", ""))
+        return cls(json.loads(raw), os.environ.get("AUTODEPLOY_API_TOKENS", ""),
+                   os.environ.get("AUTODEPLOY_ENDPOINT_KEYS", ""))
 
     def call(self, op: str, **kw: Any) -> dict:
         if op == "sync":

@@ -78,3 +78,15 @@ def test_bad_routes_are_refused_with_a_coded_error():
     with pytest.raises(AutoDeployError) as err:
         StaticControlPlane({"version": 2})
     assert err.value.error.code == 1014
+
+
+def test_a_private_deployment_on_the_static_gateway_needs_a_key_from_its_environment():
+    from controller.auth import endpoint_check
+    routes = {"version": 1, "deployments": {"p": {"state": "running", "access": "private", "instances": []},
+                                             "q": {"state": "running", "access": "private", "instances": []}}}
+    snap = StaticControlPlane(routes, keys=f"p:{digest('k1')}:0").snapshot["deployments"]
+    assert endpoint_check(snap["p"]["access"], snap["p"]["keys"], "Bearer k1", None) is None
+    assert endpoint_check(snap["q"]["access"], snap["q"]["keys"], "Bearer k1", None).error.code == 1035
+    assert endpoint_check(snap["p"]["access"], snap["p"]["keys"], "Bearer k1", "scale-out").error.code == 1036
+    with pytest.raises(AutoDeployError):
+        StaticControlPlane(routes, keys="p:short:0")

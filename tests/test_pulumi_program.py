@@ -182,7 +182,8 @@ def test_the_gateway_container_routes_to_instance_network_addresses(tmp_path: Pa
     routes = json.loads(env["AUTODEPLOY_ROUTES"])["deployments"]
     assert [i["address"] for i in routes["a"]["instances"]] == ["autodeploy-a-0:8080", "autodeploy-a-1:8080"]
     assert routes["b"] == {"state": "stopped", "algorithm": "round-robin", "stickySessions": False,
-                           "healthCheckPath": "/health", "requestTimeout": 300.0, "instances": []}
+                           "healthCheckPath": "/health", "requestTimeout": 300.0, "access": "public",
+                           "instances": []}
     assert gateway["ports"] == [{"internal": 8080, "external": 9090, "ip": "127.0.0.1"}]
     assert run.outputs["gateway_url"] == "http://127.0.0.1:9090"
 

@@ -59,6 +59,12 @@ def test_a_secret_reaches_only_the_instance_environment(serve, tmp_path, monkeyp
     s.wait_for(lambda: any("leaked=[secret]" in e["message"] for e in s.status("leaky")["events"]),
                what="the crash event with its masked log tail")
 
+    # An edit of spec.env: the history names the variable, never its values.
+    (s.deployments / "sec.yaml").write_text(with_env("sec", f"{PY} {script} ${{PORT}}",
+                                                     env.replace("visible", "visible2")))
+    s.wait_for(lambda: len(s.get("/api/deployments/sec/history").json()["revisions"]) == 2, what="revision 2")
+    changes = s.get("/api/deployments/sec/history").json()["revisions"][1]["changes"]
+    assert changes == ["spec.env.PLAIN: changed (spec.env values are not shown)"], changes
     answers = [s.get(p) for p in ("/api/deployments", "/api/deployments/sec", "/api/deployments/leaky",
                                   "/api/deployments/sec/history", "/api/deployments/sec/rollout",
                                   "/api/deployments/sec/drift", "/api/drift", "/metrics", "/api/tokens",
