@@ -29,7 +29,7 @@ def cli(*args: str, url: str | None = None, timeout: float = 60, check: bool = T
 
 @pytest.fixture
 def served(serve):
-    crash = f"{PY} -c 'import sys; print(\"boom: model weights missing\"); sys.exit(3)'"
+    crash = f"{PY} -c 'import sys; print(\"boom: model weights missing\"); sys.exit(3)' ${{PORT}}"
     return serve({
         "hello.yaml": deployment_yaml("hello", min_replicas=1),
         "lazy.yaml": deployment_yaml("lazy", min_replicas=0, extra_spec="""

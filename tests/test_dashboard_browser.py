@@ -56,7 +56,7 @@ def status_of(drv, name: str) -> str | None:
 
 
 def test_log_in_see_status_words_open_a_deployment_and_scale_it(serve, browser):
-    crash = f"{PY} -c 'import sys; print(\"no weights\"); sys.exit(4)'"
+    crash = f"{PY} -c 'import sys; print(\"no weights\"); sys.exit(4)' ${{PORT}}"
     s = serve({
         "hello.yaml": deployment_yaml("hello", min_replicas=1, max_replicas=3),
         "lazy.yaml": deployment_yaml("lazy"),
