@@ -198,6 +198,9 @@ def main() -> None:
     ERROR_STATUS = args.error_status
     if args.load_seconds:
         time.sleep(args.load_seconds)
+    # A listen backlog like a real server's (socketserver's default is 5): a proxy opening
+    # hundreds of connections at once must not see them refused.
+    ThreadingHTTPServer.request_queue_size = 1024
     server = ThreadingHTTPServer((args.host, args.port), Handler)
     server.daemon_threads = True
     print(f"echo model {INSTANCE} listening on {args.host}:{args.port}", flush=True)
