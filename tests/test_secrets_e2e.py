@@ -149,3 +149,28 @@ def test_endpoint_error_bodies_carry_no_log_tail():
     shown = public_error(exc, "m")
     assert "hunter2" not in shown.message and "autodeploy logs m" in shown.message
     assert requests.codes.bad_gateway == shown.error.http_status
+
+
+def test_a_docker_instance_gets_its_secret_and_serve_does_not_show_it(serve, monkeypatch):
+    from docker_images import busybox_image, docker_client_or_skip
+    client = docker_client_or_skip()
+    value = "dk-" + pysecrets.token_hex(12)
+    monkeypatch.setenv("AUTODEPLOY_SECRET_DBTOKEN", value)
+    image = busybox_image(client)
+    text = (f"apiVersion: autodeploy/v1\nkind: Deployment\nmetadata: {{name: dsec12}}\nspec:\n"
+            f"  model: {{id: busybox, version: v1}}\n  image: {image}\n"
+            "  command: 'httpd -f -p ${PORT} -h /www'\n  port: 8080\n"
+            "  env: {DB_TOKEN: {secret: dbToken}}\n"
+            "  loadBalancer: {healthCheck: {path: /health, intervalSeconds: 10, timeoutSeconds: 2}}\n")
+    s = serve({"dsec12.yaml": text}, "--driver", "docker")
+    try:
+        assert s.get("/d/dsec12/health").status_code == 200
+        [container] = client.containers.list(filters={"label": "autodeploy.deployment=dsec12"})
+        assert f"DB_TOKEN={value}" in container.attrs["Config"]["Env"]  # the instance's environment
+        assert value not in s.get("/api/deployments/dsec12").text and value not in s.get("/metrics").text
+        assert not [e for e in container.attrs["Config"]["Env"] if e.startswith("AUTODEPLOY_SECRET_")]
+    finally:
+        s.terminate()
+        for c in client.containers.list(all=True, filters={"label": "autodeploy.deployment=dsec12"}):
+            c.remove(force=True)
+        client.close()
