@@ -165,9 +165,6 @@ class RuntimeApi:
     def shutdown_session(self, ptr: str) -> None:
         self._ok(f"shutdown session {ptr}")
 
-    def backends(self) -> list[str]:
-        return [line.strip() for line in self.command("show backend").splitlines()[1:] if line.strip()]
-
     # ------------------------------------------------------------------ servers
     def add_server(self, backend: str, name: str, host: str, port: int, options: str) -> None:
         self._ok(f"add server {backend}/{name} {host}:{int(port)} {options}", "New server registered.")
@@ -185,9 +182,6 @@ class RuntimeApi:
 
     def set_weight(self, backend: str, name: str, weight: int) -> None:
         self._ok(f"set server {backend}/{name} weight {int(weight)}")
-
-    def shutdown_sessions(self, backend: str, name: str) -> None:
-        self._ok(f"shutdown sessions server {backend}/{name}")
 
     def del_server(self, backend: str, name: str) -> None:
         self._ok(f"del server {backend}/{name}", "Server deleted.")
@@ -244,7 +238,7 @@ class _Sums:
     e: int = 0
 
     def __post_init__(self) -> None:
-        self.h: dict[str, int] = {}
+        self.h: dict[int, int] = {}  # latency bucket (controller.latency) -> count
 
 
 class RequestLog:

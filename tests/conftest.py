@@ -114,6 +114,17 @@ class Served:
         except AssertionError as exc:
             raise AssertionError(f"{exc}; serve log:\n{self.log()[-4000:]}") from None
 
+    def routing_settled(self, name: str, ids: set[str]) -> bool:
+        """The data plane routes `name` to exactly `ids`. Python mode: at once (the gateway
+        asks the controller); haproxy mode: once HAProxy's backend has those servers."""
+        sock = self.state_dir / "haproxy" / "haproxy.sock"
+        if not sock.exists():
+            return True
+        from gateway.haproxy_runtime import RuntimeApi
+        servers = {st.name for st in RuntimeApi(str(sock)).show_stat()
+                   if st.backend == f"be_{name}" and st.admin_state == "READY" and st.status.startswith("UP")}
+        return servers == ids
+
     def descendants(self) -> list[psutil.Process]:
         try:
             return psutil.Process(self.proc.pid).children(recursive=True)

@@ -26,6 +26,8 @@ def balanced(name: str, algorithm: str, sticky: bool = False) -> str:
 def scale_to(s, name: str, n: int) -> list[str]:
     ids = [s.get(f"/d/{name}/whoami", headers={RULE: "scale-out"}).headers[TARGET] for _ in range(n)]
     assert len(set(ids)) == n
+    # Until HAProxy has every new server, some requests still take the activator's pick.
+    s.wait_for(lambda: s.routing_settled(name, set(ids)), what="the data plane routes to every instance")
     return ids
 
 
