@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from controller.coldstart import ColdStarts
+from controller.fleet import DepRuntime, Fleet
 from controller.latency import percentile
 from controller.notify import Delivery, WebhookSender
+from controller.traffic import Traffic
 from controller.policy.alerts import (COLD_START_WINDOW_S, RESTARTS_WINDOW_S, RuleState, Signals, evaluate,
                                       rule_key)
-
-if TYPE_CHECKING:
-    from controller.core import Controller, DepRuntime
 
 log = logging.getLogger("autodeploy.alerts")
 
@@ -26,25 +26,28 @@ RESTART_KINDS = ("crashed", "failed")
 
 
 class Alerting:
-    def __init__(self, controller: "Controller", eval_s: float = EVAL_S,
+    def __init__(self, fleet: Fleet, traffic: Traffic, coldstarts: ColdStarts, eval_s: float = EVAL_S,
                  sender: WebhookSender | None = None) -> None:
-        self.c = controller
+        self.fleet = fleet
+        self.store = fleet.store
+        self.traffic = traffic
+        self.coldstarts = coldstarts
         self.eval_s = eval_s
         self.sender = sender or WebhookSender(on_result=self._delivered)
         self.states: dict[str, dict[tuple, RuleState]] = {}
         self.last_eval = 0.0
 
-    def signals(self, rt: "DepRuntime", now: float) -> Signals:
+    def signals(self, rt: DepRuntime, now: float) -> Signals:
         name = rt.spec.name
-        window = self.c.traffic.by_deployment.get(name)
+        window = self.traffic.by_deployment.get(name)
         err = p95 = None
         if window is not None:
             v = window.view(now)
             if v.count:
                 err = 100.0 * v.errors / v.count
                 p95 = percentile(v.hist, 0.95)
-        restarts = self.c.store.count_events(name, RESTART_KINDS, now - RESTARTS_WINDOW_S)
-        cold = self.c.coldstarts.slowest_since(name, now - COLD_START_WINDOW_S)
+        restarts = self.store.count_events(name, RESTART_KINDS, now - RESTARTS_WINDOW_S)
+        cold = self.coldstarts.slowest_since(name, now - COLD_START_WINDOW_S)
         return Signals(error_rate_pct=err, p95_ms=p95, restarts=restarts, cold_start_ms=cold)
 
     def step(self, now: float) -> None:
@@ -52,9 +55,9 @@ class Alerting:
         if now - self.last_eval < self.eval_s:
             return
         self.last_eval = now
-        for name in [n for n in self.states if n not in self.c.deps]:
+        for name in [n for n in self.states if n not in self.fleet.deps]:
             del self.states[name]
-        for name, rt in self.c.deps.items():
+        for name, rt in self.fleet.deps.items():
             prev = self.states.get(name, {})
             if not rt.spec.alerts and not prev:
                 continue
@@ -62,7 +65,7 @@ class Alerting:
             states, transitions = evaluate(rules, self.signals(rt, now), prev, now)
             self.states[name] = states
             for t in transitions:
-                self.c._event(name, f"alert-{t.kind}", t.message)
+                self.fleet.event(name, f"alert-{t.kind}", t.message)
                 if t.rule.webhook:
                     st = states.get(rule_key(t.rule), RuleState())
                     self.sender.send(t.rule.webhook, {
@@ -72,7 +75,7 @@ class Alerting:
                         "value": t.value, "at": now, "since": st.above_since if t.kind == "firing" else None,
                         "endpoint": f"/d/{name}/"}, name)
 
-    def status(self, rt: "DepRuntime", now: float) -> list[dict[str, Any]]:
+    def status(self, rt: DepRuntime, now: float) -> list[dict[str, Any]]:
         states = self.states.get(rt.spec.name, {})
         out = []
         for rule in rt.spec.alerts:
@@ -98,5 +101,5 @@ class Alerting:
             msg = (f"webhook {delivery.url}: {what} {outcome} after {delivery.attempt} attempt(s): "
                    f"{'; '.join(delivery.errors[-3:])}")
             log.warning("%s: %s", delivery.deployment, msg)
-        self.c.store.event(delivery.deployment, "alert-webhook", msg, at=time.time())
+        self.store.event(delivery.deployment, "alert-webhook", msg, at=time.time())
 

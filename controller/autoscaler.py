@@ -2,7 +2,7 @@
 pure policy (`controller.policy.autoscale.decide`) for a size, and turns a changed size
 into instance starts and drains, each with an event that says why.
 
-It runs inside `Controller.tick`, under the controller's lock, so it is part of the
+It runs inside `Controller.tick`, under the fleet's lock, so it is part of the
 single writer: the same `maxReplicas` accounting as cold starts and scale-out.
 
 Signals per sample:
@@ -19,16 +19,13 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
-from controller.errors import AutoDeployError
+from controller.fleet import DRAINING, READY, DepRuntime, Fleet, Rec
 from controller.policy.autoscale import (DrainCandidate, Sample, ScaleDecision, ScaleState, decide,
                                         scale_down_choice)
-from controller.policy.capacity import restart_backoff
 from controller.spec import Autoscaling
-
-if TYPE_CHECKING:
-    from controller.core import Controller, DepRuntime, Rec
+from controller.traffic import Traffic
 
 USAGE_FRESH_S = 10.0
 
@@ -53,7 +50,10 @@ def _mean(values: list[float | None]) -> float | None:
 
 
 class Autoscaler:
-    def __init__(self) -> None:
+    def __init__(self, fleet: Fleet, traffic: Traffic, owns: Callable[[str], bool] = lambda name: False) -> None:
+        self.fleet = fleet
+        self.traffic = traffic
+        self.owns = owns  # True while a rollout owns the deployment's instance count
         self._samples: dict[str, deque[Sample]] = {}
         self._state: dict[str, ScaleState | None] = {}
         self._last_sample: dict[str, float] = {}
@@ -64,19 +64,19 @@ class Autoscaler:
         for d in (self._samples, self._state, self._last_sample, self._seen_requests, self.last):
             d.pop(name, None)  # type: ignore[attr-defined]
 
-    def step(self, c: "Controller", inflight: dict[str, int], now: float) -> None:
-        """One pass over every deployment (the caller holds the controller's lock)."""
-        for name, rt in list(c.deps.items()):
+    def step(self, inflight: dict[str, int], now: float) -> None:
+        """One pass over every deployment (the caller holds the fleet's lock)."""
+        for name, rt in list(self.fleet.deps.items()):
             a = rt.spec.scaling.autoscaling
             if rt.removed or rt.spec.state != "running" or not a.enabled:
                 self.forget(name)
                 continue
-            if c.rollouts.owns(name):
+            if self.owns(name):
                 continue  # a rollout in progress owns the instance count
             if now - self._last_sample.get(name, -math.inf) < sample_period(a):
                 continue
             self._last_sample[name] = now
-            sample = self._sample(c, rt, inflight, now)
+            sample = self._sample(rt, inflight, now)
             current = self._current(rt)
             if not current and sample.in_flight <= 0:
                 # At zero with nothing waiting there is nothing to decide (a cold start is the
@@ -94,19 +94,20 @@ class Autoscaler:
             d = replace(d, reason=readable(d, now))
             self._state[name], self.last[name] = d.state, d
             if d.replicas > len(current):
-                self._grow(c, rt, len(current), d, now)
+                self._grow(rt, len(current), d, now)
             elif d.replicas < len(current):
-                self._shrink(c, rt, current, d, inflight)
+                self._shrink(rt, current, d, inflight)
 
     @staticmethod
-    def _current(rt: "DepRuntime") -> list["Rec"]:
-        return [r for r in rt.instances.values() if r.phase in ("ready", "starting")]
+    def _current(rt: DepRuntime) -> list[Rec]:
+        return rt.alive()
 
-    def _sample(self, c: "Controller", rt: "DepRuntime", inflight: dict[str, int], now: float) -> Sample:
+    def _sample(self, rt: DepRuntime, inflight: dict[str, int], now: float) -> Sample:
         name = rt.spec.name
-        serving = [r for r in rt.by_phase("ready") if not r.unhealthy]
-        fresh = [u for r in serving if (u := c.traffic.usage.get(r.id)) is not None and u.at > now - USAGE_FRESH_S]
-        total = c.traffic.requests_total.get(name, 0)
+        serving = [r for r in rt.by_phase(READY) if not r.unhealthy]
+        fresh = [u for r in serving
+                 if (u := self.traffic.usage.get(r.id)) is not None and u.at > now - USAGE_FRESH_S]
+        total = self.traffic.requests_total.get(name, 0)
         requests = max(0, total - self._seen_requests.get(name, total))
         self._seen_requests[name] = total
         in_flight = sum(inflight.get(r.id, 0) for r in rt.instances.values()) + rt.waiting
@@ -114,43 +115,35 @@ class Autoscaler:
                       cpu_pct=_mean([u.cpu_pct for u in fresh]), mem_pct=_mean([u.mem_pct for u in fresh]),
                       gpu_pct=_mean([u.gpu_pct for u in fresh]), ready=len(serving), requests=requests)
 
-    def _grow(self, c: "Controller", rt: "DepRuntime", current: int, d: ScaleDecision, now: float) -> None:
-        spec = rt.spec
-        c._event(spec.name, "autoscale", f"{current} -> {d.replicas}: {d.reason}")
+    def _grow(self, rt: DepRuntime, current: int, d: ScaleDecision, now: float) -> None:
+        spec, fleet = rt.spec, self.fleet
+        fleet.event(spec.name, "autoscale", f"{current} -> {d.replicas}: {d.reason}")
         why = f"autoscale {current} -> {d.replicas} ({d.signal or 'minReplicas'})"
         for _ in range(d.replicas - current):
             # An instance being released is warm: take it back before starting a new one.
-            revivable = [r for r in rt.by_phase("draining") if r.revision == spec.revision]
+            revivable = [r for r in rt.by_phase(DRAINING) if fleet.can_revive(rt, r)]
             if revivable:
-                rec = revivable[-1]
-                rec.phase, rec.last_activity = "ready", now
-                c._event(spec.name, "revived", why, rec.id)
-                c._bump()
+                fleet.revive(revivable[-1], why)
                 continue
-            alive = sum(1 for r in rt.instances.values() if r.phase not in ("gone", "failed"))
-            if alive >= spec.scaling.max_replicas or now < rt.backoff_until:
+            if rt.holding() >= spec.scaling.max_replicas or now < rt.backoff_until:
                 break
-            try:
-                c._start(rt, why)
-            except AutoDeployError as exc:
-                rt.last_error = exc.message
-                rt.backoff_until = now + restart_backoff(rt.failures + 1)
+            if fleet.try_start(rt, why, now) is None:
                 break
 
-    def _shrink(self, c: "Controller", rt: "DepRuntime", current: list["Rec"], d: ScaleDecision,
+    def _shrink(self, rt: DepRuntime, current: list[Rec], d: ScaleDecision,
                 inflight: dict[str, int]) -> None:
         # Only ready instances are drained: one still starting may not have its process yet.
         ready = [DrainCandidate(r.id, r.unhealthy, inflight.get(r.id, 0), r.created)
-                 for r in current if r.phase == "ready"]
+                 for r in current if r.phase == READY]
         victims = [rt.instances[i] for i in scale_down_choice(ready, len(current) - d.replicas)]
         if not victims:
             return
-        c._event(rt.spec.name, "autoscale", f"{len(current)} -> {len(current) - len(victims)}: {d.reason}")
+        self.fleet.event(rt.spec.name, "autoscale", f"{len(current)} -> {len(current) - len(victims)}: {d.reason}")
         # A signal-driven scale-down must not be undone by the requests still finishing on
         # the instance; an idle release may be, when traffic comes back.
         revivable = d.signal is None
         for rec in victims:
-            c._begin_drain(rec, f"autoscale down to {len(current) - len(victims)}", revivable=revivable)
+            self.fleet.drain(rec, f"autoscale down to {len(current) - len(victims)}", revivable=revivable)
 
     def status(self, name: str, enabled: bool, now: float) -> dict[str, Any]:
         d = self.last.get(name)

@@ -8,7 +8,7 @@ stop it and start a replacement once it is gone, so the deployment keeps its siz
 without ever going over `maxReplicas`.
 
 Checks run in a small thread pool so one hung instance does not delay the others;
-results are applied under the controller's lock (it stays the single writer).
+results are applied under the fleet's lock, through its transitions.
 """
 from __future__ import annotations
 
@@ -16,17 +16,13 @@ import http.client
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from controller.background import PeriodicPass
-from controller.errors import AutoDeployError
+from controller.fleet import READY, Fleet, Rec
 from controller.health import grpc_health, grpc_service
 from controller.policy.balance import health_update
-from controller.policy.capacity import restart_backoff
 from controller.spec import HealthCheck
-
-if TYPE_CHECKING:
-    from controller.core import Controller, Rec
 
 log = logging.getLogger("autodeploy.health")
 
@@ -72,10 +68,10 @@ def next_check(last: float, interval_s: float) -> float:
 class HealthChecker(PeriodicPass):
     name = "health"
 
-    def __init__(self, controller: "Controller", clock: Callable[[], float] = time.time,
+    def __init__(self, fleet: Fleet, clock: Callable[[], float] = time.time,
                  max_parallel: int = 8) -> None:
         super().__init__(LOOP_S, max_parallel)
-        self.c = controller
+        self.fleet = fleet
         self.clock = clock
         self._due: dict[str, float] = {}
         self._running: set[str] = set()
@@ -85,12 +81,12 @@ class HealthChecker(PeriodicPass):
         """Start the checks that are due and the replacements that now fit."""
         now = self.clock()
         due: list[tuple[Rec, HealthCheck]] = []
-        with self.c._cv:
+        with self.fleet:
             live: set[str] = set()
-            for rt in self.c.deps.values():
+            for rt in self.fleet.deps.values():
                 hc = rt.spec.load_balancer.health_check
                 for rec in rt.instances.values():
-                    if rec.phase != "ready" or rec.inst is None or hc is None:
+                    if rec.phase != READY or rec.inst is None or hc is None:
                         continue
                     live.add(rec.id)
                     first = next_check(rec.ready_at or now, hc.interval_s)
@@ -103,74 +99,65 @@ class HealthChecker(PeriodicPass):
         for rec, hc in due:
             self._pool.submit(self._check, rec, hc)
 
-    def _check(self, rec: "Rec", hc: HealthCheck) -> None:
+    def _check(self, rec: Rec, hc: HealthCheck) -> None:
         try:
             assert rec.inst is not None
-            rt = self.c.deps.get(rec.deployment)
+            rt = self.fleet.deps.get(rec.deployment)
             protocol = rt.spec.protocol if rt is not None else "http"
             result = probe(rec.inst.host, rec.inst.port, hc.path, hc.timeout_s, protocol)
             self._apply(rec, hc, result)
         finally:
-            with self.c._cv:
+            with self.fleet:
                 self._running.discard(rec.id)
 
-    def _apply(self, rec: "Rec", hc: HealthCheck, result: Probe) -> None:
-        c = self.c
-        with c._cv:
+    def _apply(self, rec: Rec, hc: HealthCheck, result: Probe) -> None:
+        fleet = self.fleet
+        with fleet:
             now = self.clock()
             self._due[rec.id] = next_check(now, hc.interval_s)
-            if rec.phase != "ready":
+            if rec.phase != READY:
                 return  # released or gone while the check ran
             failures, replace = health_update(rec.health_failures, result.ok, hc.failure_threshold)
             rec.health_failures = failures
-            rt = c.deps.get(rec.deployment)
+            rt = fleet.deps.get(rec.deployment)
             grpc = rt is not None and rt.spec.protocol == "grpc"
             check = f"{'gRPC health Check(' + repr(grpc_service(hc.path)) + ')' if grpc else 'GET ' + hc.path}: " \
                     f"{result.detail}"
             if result.ok:
                 if rec.unhealthy:
-                    rec.unhealthy = False
-                    c._event(rec.deployment, "healthy", f"{check}; back in routing", rec.id)
-                    c._bump()
+                    fleet.event(rec.deployment, "healthy", f"{check}; back in routing", rec.id)
+                    fleet.set_health(rec, unhealthy=False)
                 return
             if replace:
-                rt = c.deps.get(rec.deployment)
-                alive = 0 if rt is None else sum(1 for r in rt.instances.values() if r.phase in ("ready", "starting"))
-                c._event(rec.deployment, "unhealthy", f"{check}; failed {failures} checks in a row "
-                         f"(failureThreshold {hc.failure_threshold}): replacing it", rec.id)
-                rec.unhealthy = True
-                c._stop(rec, f"replaced after {failures} failed health checks")
-                c._bump()
-                if rt is not None and not rt.removed and rt.spec.state == "running":
+                rt = fleet.deps.get(rec.deployment)
+                alive = 0 if rt is None else len(rt.alive())
+                fleet.event(rec.deployment, "unhealthy", f"{check}; failed {failures} checks in a row "
+                            f"(failureThreshold {hc.failure_threshold}): replacing it", rec.id)
+                fleet.set_health(rec, unhealthy=True)
+                fleet.stop(rec, f"replaced after {failures} failed health checks")
+                if rt is not None and rt.serving():
                     self._pending.append(_Replacement(rec.deployment, rec.id, alive))
                 return
             if not rec.unhealthy:
-                rec.unhealthy = True
-                c._event(rec.deployment, "unhealthy", f"{check}; out of routing "
-                         f"({failures}/{hc.failure_threshold} before it is replaced)", rec.id)
-                c._bump()
+                fleet.event(rec.deployment, "unhealthy", f"{check}; out of routing "
+                            f"({failures}/{hc.failure_threshold} before it is replaced)", rec.id)
+                fleet.set_health(rec, unhealthy=True)
 
     def _replace(self, now: float) -> None:
         """Start replacements whose failing instance is gone (caller holds the lock)."""
         keep: list[_Replacement] = []
         for r in self._pending:
-            rt = self.c.deps.get(r.deployment)
-            if rt is None or rt.removed or rt.spec.state != "running":
+            rt = self.fleet.deps.get(r.deployment)
+            if rt is None or not rt.serving():
                 continue
             if r.old in rt.instances:
                 keep.append(r)  # still stopping: it holds its slot (and its GPU) until gone
                 continue
-            alive = sum(1 for x in rt.instances.values() if x.phase in ("ready", "starting"))
-            total = sum(1 for x in rt.instances.values() if x.phase not in ("gone", "failed"))
-            if alive >= r.alive_before or total >= rt.spec.scaling.max_replicas:
+            if len(rt.alive()) >= r.alive_before or rt.holding() >= rt.spec.scaling.max_replicas:
                 continue  # something else (minReplicas, a cold start) already replaced it
             if now < rt.backoff_until:
                 keep.append(r)
                 continue
-            try:
-                self.c._start(rt, f"replacing unhealthy instance {r.old}")
-            except AutoDeployError as exc:
-                rt.last_error = exc.message
-                rt.backoff_until = now + restart_backoff(rt.failures + 1)
+            if self.fleet.try_start(rt, f"replacing unhealthy instance {r.old}", now) is None:
                 keep.append(r)
         self._pending = keep

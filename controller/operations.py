@@ -8,23 +8,22 @@ deployment changes (a new commit), the new content wins and the override is
 dropped. The status API shows the override as `drift`, `autodeploy diff` prints it.
 
 Override fields: replicas (scale N), state (stop/start), rollback_to (a revision
-number), deleted. Every method runs with the controller's lock held.
+number), deleted. Every method runs with the fleet's lock held.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 from controller import errors
 from controller.errors import AutoDeployError
+from controller.fleet import READY, Fleet
 from controller.loader import load_text
 from controller.policy import edits
+from controller.rollouts import RolloutDriver
 from controller.spec import Deployment
-from controller.store import RevisionRow
-
-if TYPE_CHECKING:
-    from controller.core import Controller
+from controller.store import RevisionRow, Store
 
 WRITE_ACTIONS = ("scale", "stop", "start", "delete", "rollback")
 READ_ACTIONS = ("history", "rollout", "drift")
@@ -51,8 +50,13 @@ def spec_from_revision(row: RevisionRow) -> Deployment:
 
 
 class Operations:
-    def __init__(self, controller: "Controller") -> None:
-        self.c = controller
+    def __init__(self, fleet: Fleet, store: Store, rollouts: RolloutDriver, *, clock: Callable[[], float],
+                 inflight: Callable[[], dict[str, int]]) -> None:
+        self.fleet = fleet
+        self.store = store
+        self.rollouts = rollouts
+        self.clock = clock
+        self.inflight = inflight
         self.git: dict[str, Deployment] = {}  # the spec each file last gave, overrides not applied
 
     # ------------------------------------------------------------------ desired state
@@ -60,13 +64,13 @@ class Operations:
         """What to serve for a file's spec: (spec, rollback revision number or None), or None
         while the deployment is deleted and its file content has not changed since."""
         self.git[spec.name] = spec
-        found = self.c.store.override(spec.name)
+        found = self.store.override(spec.name)
         if found is None:
             return spec, None
         base, data, _ = found
         if base != spec.revision:
-            self.c.store.clear_override(spec.name)
-            self.c._event(spec.name, "drift", f"{spec.source_file} changed: it wins over the runtime overrides "
+            self.store.clear_override(spec.name)
+            self.fleet.event(spec.name, "drift", f"{spec.source_file} changed: it wins over the runtime overrides "
                                               f"({_summary(data)}), which are dropped")
             return spec, None
         if data.get("deleted"):
@@ -103,7 +107,7 @@ class Operations:
             raise AutoDeployError(errors.UNKNOWN_ACTION, f"{action!r}")
         if read_only:
             raise AutoDeployError(errors.BAD_REQUEST, f"{action} changes the deployment: use POST")
-        now = self.c.clock()
+        now = self.clock()
         if action == "scale":
             return self.scale(name, args.get("replicas"), now)
         if action == "delete":
@@ -115,7 +119,7 @@ class Operations:
 
     # ------------------------------------------------------------------ write actions
     def scale(self, name: str, replicas: Any, now: float) -> dict:
-        rt = self.c._runtime(name)
+        rt = self.fleet.runtime(name)
         n = _int(replicas, "replicas")
         git = self.git.get(name, rt.spec)
         top = git.scaling.max_replicas
@@ -130,24 +134,21 @@ class Operations:
         self._save(name, data)
         rt.spec = replace(rt.spec, scaling=replace(rt.spec.scaling, min_replicas=n))
         msg = f"{name}: keeping {n} instance(s) (file: minReplicas {git.scaling.min_replicas})"
-        if self.c.rollouts.owns(name):
+        if self.rollouts.owns(name):
             msg += "; a rollout is in progress: it keeps its instance count, the scale applies after it"
         else:
             # Release what costs least to lose: not yet ready, then fewest in flight, longest idle.
-            alive = [r for r in rt.instances.values() if r.phase in ("starting", "ready")]
-            inflight = self.c._inflight()
-            extra = sorted(alive, key=lambda r: (r.phase == "ready", inflight.get(r.id, 0), r.last_activity))
+            alive = rt.alive()
+            inflight = self.inflight()
+            extra = sorted(alive, key=lambda r: (r.phase == READY, inflight.get(r.id, 0), r.last_activity))
             for rec in extra[:max(0, len(alive) - n)]:
-                if rec.phase == "ready":
-                    self.c._begin_drain(rec, f"scaled to {n}")
-                elif rec.inst is not None:
-                    self.c._stop(rec, f"scaled to {n}")
-        self.c._event(name, "scale", msg + " by operator; recorded as drift, the file is unchanged")
-        self.c._bump()
+                self.fleet.release(rec, f"scaled to {n}")
+        self.fleet.event(name, "scale", msg + " by operator; recorded as drift, the file is unchanged")
+        self.fleet.bump()
         return {"message": msg, "drift": self.drift_of(name)}
 
     def set_state(self, name: str, state: str, now: float) -> dict:
-        rt = self.c._runtime(name)
+        rt = self.fleet.runtime(name)
         git = self.git.get(name, rt.spec)
         data = self._data(name)
         if state == git.state:
@@ -158,12 +159,9 @@ class Operations:
         was = rt.spec.state
         rt.spec = replace(rt.spec, state=state)
         if state == "stopped":
-            self.c.rollouts.cancel(rt, "deployment stopped", now)
-            for rec in [r for r in rt.instances.values() if r.phase in ("starting", "ready")]:
-                if rec.phase == "ready":
-                    self.c._begin_drain(rec, "deployment stopped")
-                elif rec.inst is not None:
-                    self.c._stop(rec, "deployment stopped")
+            self.rollouts.cancel(rt, "deployment stopped", now)
+            for rec in rt.alive():
+                self.fleet.release(rec, "deployment stopped")
             msg = (f"{name}: stopped; all instances shut down (in-flight requests finish), the endpoint answers "
                    f"{errors.DEPLOYMENT_STOPPED.code} {errors.DEPLOYMENT_STOPPED.msg}")
         else:
@@ -172,43 +170,40 @@ class Operations:
                       else ""))
         if was == state:
             msg = f"{name}: already {state}"
-        self.c._event(name, "stop" if state == "stopped" else "start", msg + " (by operator)")
-        self.c._bump()
+        self.fleet.event(name, "stop" if state == "stopped" else "start", msg + " (by operator)")
+        self.fleet.bump()
         return {"message": msg, "drift": self.drift_of(name)}
 
     def delete(self, name: str, yes: bool, now: float) -> dict:
-        rt = self.c._runtime(name)
+        rt = self.fleet.runtime(name)
         if not yes:
             raise AutoDeployError(errors.CONFIRMATION_REQUIRED, f"deleting {name} shuts down its instances, "
                                   "removes its endpoint and forgets its revisions, events and cost")
         git = self.git.get(name)
-        self.c.rollouts.cancel(rt, "deployment deleted", now)
+        self.rollouts.cancel(rt, "deployment deleted", now)
         rt.removed = True
-        for rec in [r for r in rt.instances.values() if r.phase in ("starting", "ready")]:
-            if rec.phase == "ready":
-                self.c._begin_drain(rec, "deployment deleted")
-            elif rec.inst is not None:
-                self.c._stop(rec, "deployment deleted")
-        self.c.store.forget(name)
-        self.c.rollouts.last.pop(name, None)
+        for rec in rt.alive():
+            self.fleet.release(rec, "deployment deleted")
+        self.store.forget(name)
+        self.rollouts.forget(name)
         msg = f"{name}: deleted; instances shut down, endpoint /d/{name}/ removed, stored state forgotten"
         if git is not None:
             # The file still defines it: stay deleted until that content changes.
-            self.c.store.set_override(name, git.revision, {"deleted": True}, at=now)
+            self.store.set_override(name, git.revision, {"deleted": True}, at=now)
             msg += (f". {git.source_file} still defines it: it stays deleted until its content there changes "
                     "(remove it from the file to make that permanent)")
-        self.c._event(name, "deleted", msg)
-        self.c._bump()
+        self.fleet.event(name, "deleted", msg)
+        self.fleet.bump()
         return {"message": msg}
 
     def rollback(self, name: str, to: int | None, now: float) -> dict:
-        rt = self.c._runtime(name)
-        run = self.c.rollouts.active.get(name)
+        rt = self.fleet.runtime(name)
+        run = self.rollouts.active.get(name)
         if run is not None and not run.done and (to is None or to == run.stable_number):
-            self.c.rollouts.rollback_now(rt, "manual rollback (by operator)", now)
+            self.rollouts.rollback_now(rt, "manual rollback (by operator)", now)
             msg = f"{name}: rollout to revision {run.new_number} rolled back to revision {run.stable_number}"
             return {"message": msg, "drift": self.drift_of(name)}
-        rows = self.c.store.revisions(name)
+        rows = self.store.revisions(name)
         serving = rt.revision_number
         if to is None:
             earlier = [r for r in rows if r.number < serving]
@@ -234,16 +229,16 @@ class Operations:
         spec = overlay(spec_from_revision(target), data)
         old, old_number = rt.spec, rt.revision_number
         rt.spec, rt.revision_number = spec, target.number
-        self.c._event(name, "rollback", f"to revision {target.number} from {old_number} (by operator)")
-        self.c.rollouts.changed(rt, old, old_number, now, kind="rollback")
-        self.c._bump()
+        self.fleet.event(name, "rollback", f"to revision {target.number} from {old_number} (by operator)")
+        self.rollouts.changed(rt, old, old_number, now, kind="rollback")
+        self.fleet.bump()
         return {"message": f"{name}: rolling back from revision {old_number} to revision {target.number}",
                 "drift": self.drift_of(name)}
 
     # ------------------------------------------------------------------ read actions
     def history(self, name: str) -> dict:
-        rows = self.c.store.revisions(name)
-        rt = self.c.deps.get(name)
+        rows = self.store.revisions(name)
+        rt = self.fleet.deps.get(name)
         if not rows and (rt is None or rt.removed):
             raise AutoDeployError(errors.UNKNOWN_DEPLOYMENT, f"no deployment named {name!r}")
         serving = rt.revision_number if rt is not None and not rt.removed else None
@@ -260,18 +255,18 @@ class Operations:
         return {"name": name, "serving": serving, "file_revision": git_number, "revisions": out}
 
     def rollout(self, name: str) -> dict:
-        rt = self.c._runtime(name)
-        status = self.c.rollouts.status(name, self.c.clock())
+        rt = self.fleet.runtime(name)
+        status = self.rollouts.status(name, self.clock())
         return {"name": name, "revision": rt.revision_number, "rollout": status}
 
     def drift(self, name: str) -> dict:
-        if name not in self.git and self.c.store.override(name) is None:
+        if name not in self.git and self.store.override(name) is None:
             raise AutoDeployError(errors.UNKNOWN_DEPLOYMENT, f"no deployment named {name!r}")
         return {"name": name, "drift": self.drift_of(name)}
 
     def drift_of(self, name: str) -> dict | None:
         """How the running deployment differs from its file, or None."""
-        found = self.c.store.override(name)
+        found = self.store.override(name)
         git = self.git.get(name)
         if found is None or git is None:
             return None
@@ -292,13 +287,13 @@ class Operations:
         if not changes:
             return None
         number = self._git_number(name)
-        commit = self.c.store.revision_commit(name, number) if number is not None else None
+        commit = self.store.revision_commit(name, number) if number is not None else None
         return {"since": at, "file": git.source_file, "file_revision": number,
                 "commit": commit.to_json() if commit else None, "changes": changes,
                 "note": "runtime actions are not written to the file; a new content of it wins and clears this"}
 
     def drift_all(self) -> list[dict]:
-        names = sorted(set(self.git) | set(self.c.store.overrides()))
+        names = sorted(set(self.git) | set(self.store.overrides()))
         out = []
         for name in names:
             d = self.drift_of(name)
@@ -308,7 +303,7 @@ class Operations:
 
     # ------------------------------------------------------------------ helpers
     def _data(self, name: str) -> dict:
-        found = self.c.store.override(name)
+        found = self.store.override(name)
         git = self.git.get(name)
         if found is None or git is None or found[0] != git.revision:
             return {}
@@ -318,18 +313,18 @@ class Operations:
         git = self.git.get(name)
         data = {k: v for k, v in data.items() if v is not None}
         if git is None or not data:
-            self.c.store.clear_override(name)
+            self.store.clear_override(name)
             return
-        self.c.store.set_override(name, git.revision, data, at=self.c.clock())
+        self.store.set_override(name, git.revision, data, at=self.clock())
 
     def _revision(self, name: str, number: int) -> RevisionRow | None:
-        return next((r for r in self.c.store.revisions(name) if r.number == number), None)
+        return next((r for r in self.store.revisions(name) if r.number == number), None)
 
     def _git_number(self, name: str) -> int | None:
         git = self.git.get(name)
         if git is None:
             return None
-        rows = [r for r in self.c.store.revisions(name) if r.revision == git.revision]
+        rows = [r for r in self.store.revisions(name) if r.revision == git.revision]
         return rows[-1].number if rows else None
 
 

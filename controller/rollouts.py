@@ -2,12 +2,12 @@
 
 `controller.policy.rollout.step` decides; this module turns a deployment's
 instances into an `Observed`, keeps the `RolloutState` between reconcile passes,
-and executes the actions with the controller's own mechanisms: `_start` for new
-(or restored old) instances and the drain for instances that go, so in-flight
+and executes the actions through the fleet's transitions: `start` for new
+(or restored old) instances and `release` (the drain) for instances that go, so in-flight
 requests finish before a process is stopped. Traffic weights are published in
 the routing snapshot (`split`), which the gateway workers apply per request.
 
-Every method runs with the controller's lock held (it is called from `apply`,
+Every method runs with the fleet's lock held (it is called from `apply`,
 `tick`, `sync` and the operations).
 """
 from __future__ import annotations
@@ -15,21 +15,19 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 from controller.errors import AutoDeployError
+from controller.fleet import ALIVE, DRAINING, FAILED, GONE, READY, STARTING, STOPPING, DepRuntime, Fleet, Rec
 from controller.latency import add_hist, percentile
 from controller.policy import edits
 from controller.policy.rollout import (Action, Done, Observed, RevisionStats, RolloutSpec,
                                        RolloutState, SetWeights, StartNew, StartOld, StopNew, StopOld, abort, step)
 from controller.spec import Deployment
-
-if TYPE_CHECKING:
-    from controller.core import Controller, DepRuntime, Rec
+from controller.store import Store
 
 log = logging.getLogger("autodeploy.rollouts")
 
-ALIVE = ("starting", "ready")
 MAX_REPORTS = 100_000  # per rollout; canary analysis looks at the current step only
 
 
@@ -50,7 +48,7 @@ class Run:
     weights: tuple[float, float] | None = None  # (old, new) percent while a split is published
     finished_at: float | None = None
     outcome: str | None = None  # succeeded | rolled_back | cancelled
-    seen_new: dict[str, "Rec"] = field(default_factory=dict)
+    seen_new: dict[str, Rec] = field(default_factory=dict)
     retired: set[str] = field(default_factory=set)  # instances this rollout stopped on purpose
     # (arrival time, is_new, requests, errors, latency histogram): the gateway workers' reports
     reports: deque = field(default_factory=lambda: deque(maxlen=MAX_REPORTS))
@@ -93,13 +91,16 @@ def describe_actions(actions: list[Action]) -> str:
 
 
 class RolloutDriver:
-    def __init__(self, controller: "Controller") -> None:
-        self.c = controller
+    def __init__(self, fleet: Fleet, store: Store) -> None:
+        self.fleet = fleet
+        self.store = store
+        # Told when a rollout is rolled back (operations remembers it as a runtime override).
+        self.on_rolled_back: Callable[[str, int, str], None] = lambda name, number, reason: None
         self.active: dict[str, Run] = {}
         self.last: dict[str, Run] = {}
 
     # ------------------------------------------------------------------ a new spec arrived
-    def changed(self, rt: "DepRuntime", old: Deployment, old_number: int, now: float,
+    def changed(self, rt: DepRuntime, old: Deployment, old_number: int, now: float,
                 kind: str | None = None) -> None:
         """`rt.spec` was just replaced by a new revision: apply it by the guide's edit rules."""
         new = rt.spec
@@ -107,16 +108,16 @@ class RolloutDriver:
         name = new.name
         if new.state == "stopped":
             self.cancel(rt, "deployment stopped", now)
-            for rec in rt.by_phase("ready"):
-                self.c._begin_drain(rec, "deployment stopped")
+            for rec in rt.by_phase(READY):
+                self.fleet.drain(rec, "deployment stopped")
             return
         if old.template_hash == new.template_hash:
             self._retag(rt, old.revision, new)
             run = self.active.get(name)
             if run is not None and run.new_revision == old.revision:
                 run.new_revision, run.new_number = new.revision, rt.revision_number
-            self.c._event(name, "edit", f"revision {rt.revision_number}: " + edits.describe(edit, ""))
-            self.c._bump()
+            self.fleet.event(name, "edit", f"revision {rt.revision_number}: " + edits.describe(edit, ""))
+            self.fleet.bump()
             return
         if kind == "rollback":
             strategy = "rolling"
@@ -127,13 +128,13 @@ class RolloutDriver:
             f"rollback to revision {rt.revision_number}: rolling update ({edit.summary})"
         self.begin(rt, old, old_number, kind, strategy, why, now)
 
-    def _retag(self, rt: "DepRuntime", old_revision: str, new: Deployment) -> None:
+    def _retag(self, rt: DepRuntime, old_revision: str, new: Deployment) -> None:
         for rec in rt.instances.values():
             if rec.revision == old_revision:
                 rec.revision, rec.number = new.revision, rt.revision_number
-                self.c.store.set_instance_revision(rec.id, new.revision)
+                self.store.set_instance_revision(rec.id, new.revision)
 
-    def begin(self, rt: "DepRuntime", old: Deployment, old_number: int, kind: str, strategy: str,
+    def begin(self, rt: DepRuntime, old: Deployment, old_number: int, kind: str, strategy: str,
               why: str, now: float) -> None:
         name = rt.spec.name
         previous = self.active.pop(name, None)
@@ -141,7 +142,7 @@ class RolloutDriver:
             # A newer revision supersedes the rollout in progress: its instances count as
             # old now, and a rollback still restores the last stable revision.
             stable, stable_number, desired = previous.stable, previous.stable_number, previous.spec.desired
-            self.c._event(name, "rollout", f"rollout to revision {previous.new_number} superseded by "
+            self.fleet.event(name, "rollout", f"rollout to revision {previous.new_number} superseded by "
                                            f"revision {rt.revision_number}")
         else:
             stable, stable_number = old, old_number
@@ -150,24 +151,24 @@ class RolloutDriver:
             desired = len(alive_old)
             if desired == 0:
                 # Nothing runs the old revision: the new one serves from the next start.
-                self.c._event(name, "edit", f"revision {rt.revision_number}: {why}; no instance runs, so nothing "
+                self.fleet.event(name, "edit", f"revision {rt.revision_number}: {why}; no instance runs, so nothing "
                                             "to roll: new instances start with this revision")
-                self.c._bump()
+                self.fleet.bump()
                 return
             desired = max(desired, rt.spec.scaling.min_replicas)
             desired = min(desired, max(1, rt.spec.scaling.max_replicas))
         rspec = replace(RolloutSpec.from_rollout(rt.spec.rollout, desired), strategy=strategy)
         run = Run(name=name, kind=kind, stable=stable, stable_number=stable_number,
                   new_revision=rt.spec.revision, new_number=rt.revision_number, spec=rspec,
-                  slot=self.c._slot(), started_at=now, why=why)
+                  slot=self.fleet.new_slot(), started_at=now, why=why)
         self.active[name] = run
-        self.c._event(name, "rollout", f"revision {stable_number} -> {rt.revision_number}: {why}; "
+        self.fleet.event(name, "rollout", f"revision {stable_number} -> {rt.revision_number}: {why}; "
                                        f"{desired} instance(s)")
         self._step(rt, run, now)
-        self.c._bump()
+        self.fleet.bump()
 
     # ------------------------------------------------------------------ every reconcile pass
-    def drive(self, rt: "DepRuntime", now: float) -> bool:
+    def drive(self, rt: DepRuntime, now: float) -> bool:
         """Advance the deployment's rollout; True while it owns the instance count
         (idle release and minReplicas wait until it is over)."""
         run = self.active.get(rt.spec.name)
@@ -182,7 +183,7 @@ class RolloutDriver:
             return False
         return True
 
-    def _step(self, rt: "DepRuntime", run: Run, now: float) -> None:
+    def _step(self, rt: DepRuntime, run: Run, now: float) -> None:
         obs = self._observe(rt, run)
         before = run.state
         state, actions = step(run.spec, obs, run.state, now)
@@ -191,25 +192,25 @@ class RolloutDriver:
         moved = before is None or before.phase != state.phase or before.step != state.step
         if (actions or moved) and not run.done:
             acts = describe_actions(actions)
-            self.c._event(rt.spec.name, "rollout", state.reason + (f" -> {acts}" if acts else ""))
+            self.fleet.event(rt.spec.name, "rollout", state.reason + (f" -> {acts}" if acts else ""))
 
-    def _observe(self, rt: "DepRuntime", run: Run) -> Observed:
+    def _observe(self, rt: DepRuntime, run: Run) -> Observed:
         for rec in rt.instances.values():
             # Only live ones: an instance of the target revision already going away (a
             # rollback to a revision just replaced) is not a failure of this rollout.
             if rec.revision == run.new_revision and rec.phase in ALIVE:
                 run.seen_new.setdefault(rec.id, rec)
         new = [r for r in run.seen_new.values() if r.revision == run.new_revision]
-        failed = [r for r in new if r.phase == "failed"
-                  or (r.phase in ("gone", "stopping", "draining") and r.id not in run.retired)]
+        failed = [r for r in new if r.phase == FAILED
+                  or (r.phase in (GONE, STOPPING, DRAINING) and r.id not in run.retired)]
         old = [r for r in rt.instances.values() if r.phase in ALIVE and r.revision != run.new_revision]
         old_stats = new_stats = None
         if run.spec.strategy == "canary" and run.state is not None:
             old_stats, new_stats = revision_stats(list(run.reports), run.state.step_started_at)
         obs = Observed(
-            old_ready=sum(r.phase == "ready" for r in old),
-            new_ready=sum(r.phase == "ready" for r in new),
-            new_starting=sum(r.phase == "starting" for r in new),
+            old_ready=sum(r.phase == READY for r in old),
+            new_ready=sum(r.phase == READY for r in new),
+            new_starting=sum(r.phase == STARTING for r in new),
             new_failed=len(failed),
             old_total=len(old),
             new_total=sum(r.phase in ALIVE for r in new) + len(failed),
@@ -217,7 +218,7 @@ class RolloutDriver:
         run.last_observed = obs
         return obs
 
-    def _execute(self, rt: "DepRuntime", run: Run, actions: list[Action], now: float) -> None:
+    def _execute(self, rt: DepRuntime, run: Run, actions: list[Action], now: float) -> None:
         name = rt.spec.name
         done = next((a for a in actions if isinstance(a, Done)), None)
         if done is not None and done.outcome == "rolled_back":
@@ -227,16 +228,16 @@ class RolloutDriver:
         for action in actions:
             if isinstance(action, SetWeights):
                 run.weights = (action.old, action.new)
-                self.c._bump()
+                self.fleet.bump()
             elif isinstance(action, (StartNew, StartOld)):
                 what = "new" if isinstance(action, StartNew) else "old"
                 for _ in range(action.n):
                     try:
-                        rec = self.c._start(rt, f"rollout: {what} revision {rt.revision_number}")
+                        rec = self.fleet.start(rt, f"rollout: {what} revision {rt.revision_number}")
                         if what == "new":
                             run.seen_new[rec.id] = rec  # a start that fails at once still counts
                     except AutoDeployError as exc:
-                        self.c._event(name, "rollout", f"cannot start a {what} instance now: {exc.message}")
+                        self.fleet.event(name, "rollout", f"cannot start a {what} instance now: {exc.message}")
                         break
             elif isinstance(action, StopOld):
                 old = [r for r in rt.instances.values() if r.phase in ALIVE and r.revision != run.new_revision]
@@ -248,50 +249,46 @@ class RolloutDriver:
                 run.outcome, run.finished_at = action.outcome, now
                 run.weights = None
                 if action.outcome == "rolled_back":
-                    self.c._event(name, "rollback", f"revision {run.new_number} rolled back to revision "
+                    self.fleet.event(name, "rollback", f"revision {run.new_number} rolled back to revision "
                                                     f"{run.stable_number}: {action.reason}")
-                    self.c.operations.rolled_back(name, run.stable_number, action.reason)
+                    self.on_rolled_back(name, run.stable_number, action.reason)
                 else:
-                    self.c._event(name, "rollout", f"revision {run.new_number} rolled out: {action.reason}")
-                self.c._bump()
+                    self.fleet.event(name, "rollout", f"revision {run.new_number} rolled out: {action.reason}")
+                self.fleet.bump()
 
-    def _retire(self, run: Run, recs: list["Rec"], n: int, reason: str) -> None:
+    def _retire(self, run: Run, recs: list[Rec], n: int, reason: str) -> None:
         """Stop n of recs: those not ready first (the state machine's contract), then ready
         ones through the drain, so requests in flight finish."""
-        order = sorted(recs, key=lambda r: (r.phase == "ready", r.created))
+        order = sorted(recs, key=lambda r: (r.phase == READY, r.created))
         for rec in order[:n]:
             run.retired.add(rec.id)
-            if rec.phase == "ready":
-                self.c._begin_drain(rec, reason)
-            elif rec.inst is not None:
-                self.c._stop(rec, reason)
-            # else: still being launched; _finish stops it once it has a process
+            self.fleet.release(rec, reason)  # one still being launched: _finish stops it once it has a process
 
     def _finish(self, run: Run) -> None:
         """After the outcome: stop what is left of the losing side, then forget the run."""
-        rt = self.c.deps.get(run.name)
+        rt = self.fleet.deps.get(run.name)
         if rt is not None:
             losing = [r for r in rt.instances.values() if r.phase in ALIVE and
                       (r.revision == run.new_revision) == (run.outcome == "rolled_back")]
             self._retire(run, losing, len(losing), f"rollout {run.outcome}")
-            if any(r.phase == "starting" and r.inst is None for r in losing):
+            if any(r.phase == STARTING and r.inst is None for r in losing):
                 return  # keep the run until those have a process to stop
         self.last[run.name] = run
         self.active.pop(run.name, None)
-        self.c._bump()
+        self.fleet.bump()
 
-    def cancel(self, rt: "DepRuntime", reason: str, now: float) -> None:
+    def cancel(self, rt: DepRuntime, reason: str, now: float) -> None:
         run = self.active.pop(rt.spec.name, None)
         if run is None:
             return
         if not run.done:
             run.outcome, run.finished_at, run.weights = "cancelled", now, None
             run.state = replace(run.state or RolloutState(), reason=f"cancelled: {reason}")
-            self.c._event(rt.spec.name, "rollout", f"rollout to revision {run.new_number} cancelled: {reason}")
+            self.fleet.event(rt.spec.name, "rollout", f"rollout to revision {run.new_number} cancelled: {reason}")
         self.last[run.name] = run
-        self.c._bump()
+        self.fleet.bump()
 
-    def rollback_now(self, rt: "DepRuntime", reason: str, now: float) -> bool:
+    def rollback_now(self, rt: DepRuntime, reason: str, now: float) -> bool:
         """Abort the rollout in progress back to its stable revision; False when none runs."""
         run = self.active.get(rt.spec.name)
         if run is None or run.done or run.state is None:
@@ -315,7 +312,7 @@ class RolloutDriver:
         """A gateway worker's per-instance report since its last sync ({"n": requests,
         "e": errors, "h": latency histogram}), kept per revision for canary analysis."""
         for iid, m in metrics.items():
-            rec = self.c._find(iid)
+            rec = self.fleet.find(iid)
             if rec is None:
                 continue
             run = self.active.get(rec.deployment)
@@ -323,6 +320,10 @@ class RolloutDriver:
                 continue
             run.reports.append((now, rec.revision == run.new_revision, int(m.get("n", 0)), int(m.get("e", 0)),
                                 dict(m.get("h", {}))))
+
+    def forget(self, name: str) -> None:
+        """A deleted deployment: its last rollout goes with it."""
+        self.last.pop(name, None)
 
     def owns(self, name: str) -> bool:
         run = self.active.get(name)

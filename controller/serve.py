@@ -207,9 +207,9 @@ class Server:
         self.inflight_path = str(opts.state_dir / "inflight.bin")
         self.prometheus_dir = opts.state_dir / "prometheus"
         self.trusted_proxies = _networks(opts.trusted_proxies or tuple(self.stack.trusted_proxies))
-        self.health = HealthChecker(self.controller)
+        self.health = HealthChecker(self.controller.fleet)
         self.nvml = NvmlGpuSource() if self.inventory.source == "nvml" else None
-        self.usage = UsageSampler(self.controller, self.nvml)
+        self.usage = UsageSampler(self.controller.fleet, self.controller.traffic, self.nvml)
         self.stop = threading.Event()
         self.gunicorn: subprocess.Popen | None = None
         self.data_plane_name, self.data_plane_why = _choose_data_plane(opts.data_plane or self.stack.data_plane)

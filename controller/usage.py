@@ -3,7 +3,7 @@ processes, the Engine's stats for containers), GPU utilization from NVML.
 
 Sampled in a background thread, never in the reconcile pass or on a request: the
 Engine's stats take a second or two per container. Each instance is sampled by at
-most one pool thread at a time; results land in `Controller.traffic.usage` for the
+most one pool thread at a time; results land in `Traffic.usage` for the
 autoscaler, the status API and /metrics.
 """
 from __future__ import annotations
@@ -18,11 +18,11 @@ import psutil
 
 from controller.background import PeriodicPass
 from controller.errors import AutoDeployError
+from controller.fleet import DRAINING, READY, Fleet
 from controller.spec import Resources
-from controller.traffic import Usage
+from controller.traffic import Traffic, Usage
 
 if TYPE_CHECKING:
-    from controller.core import Controller
     from controller.drivers.base import Instance
     from controller.gpus import NvmlGpuSource
 
@@ -56,21 +56,22 @@ def usage_of(raw: Mapping[str, float], resources: Resources, gpu_pcts: list[int 
 class UsageSampler(PeriodicPass):
     name = "usage"
 
-    def __init__(self, controller: "Controller", nvml: "NvmlGpuSource | None", period_s: float = PERIOD_S,
+    def __init__(self, fleet: Fleet, traffic: Traffic, nvml: "NvmlGpuSource | None", period_s: float = PERIOD_S,
                  clock: Callable[[], float] = time.time, max_parallel: int = 8) -> None:
         super().__init__(period_s, max_parallel)
-        self.c = controller
+        self.fleet = fleet
+        self.traffic = traffic
         self.nvml = nvml
         self.clock = clock
-        self._stats: Callable[[Instance], dict[str, float]] | None = getattr(controller.driver, "stats", None)
+        self._stats: Callable[[Instance], dict[str, float]] | None = getattr(fleet.driver, "stats", None)
         self._running: set[str] = set()
         self._lock = threading.Lock()
 
     def run_once(self) -> None:
-        with self.c._cv:
+        with self.fleet:
             targets = [(r.id, r.inst, rt.spec.resources, list(r.gpu_ids))
-                       for rt in self.c.deps.values() for r in rt.instances.values()
-                       if r.phase in ("ready", "draining") and r.inst is not None]
+                       for rt in self.fleet.deps.values() for r in rt.instances.values()
+                       if r.phase in (READY, DRAINING) and r.inst is not None]
         for iid, inst, resources, gpu_ids in targets:
             with self._lock:
                 if iid in self._running:
@@ -109,9 +110,9 @@ class UsageSampler(PeriodicPass):
             usage = usage_of(raw, resources, gpu, self.clock())
             if self.nvml is not None and gpu_ids and inst.pid is not None:
                 usage = replace(usage, gpu_mem_mb=self._gpu_memory(inst.pid, gpu_ids))
-            with self.c._cv:
-                if self.c._find(iid) is not None:
-                    self.c.traffic.set_usage(iid, usage)
+            with self.fleet:
+                if self.fleet.find(iid) is not None:
+                    self.traffic.set_usage(iid, usage)
         finally:
             with self._lock:
                 self._running.discard(iid)

@@ -32,7 +32,7 @@ def test_sampler_reads_cpu_memory_and_gpu_use_of_a_running_instance(tmp_path: Pa
     controller.apply(result)
     device = FakeDevice(UUID, "NVIDIA H100 80GB HBM3", 81559, utilization_pct=73)
     nvml = NvmlGpuSource(FakeNvml([device]))
-    sampler = UsageSampler(controller, nvml)
+    sampler = UsageSampler(controller.fleet, controller.traffic, nvml)
     try:
         iid = controller.acquire("busy", None, timeout=30)["id"]
         shell = controller.status("busy")["instances"][0]["pid"]
