@@ -111,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.parser = parser  # `completion` walks it (controller.cli_view)
     try:
         return int({**COMMANDS, **cli_ops.COMMANDS, **cli_auth.COMMANDS, **cli_view.COMMANDS}[args.command](args) or 0)
     except AutoDeployError as exc:

@@ -429,8 +429,7 @@ complete -o default -F _autodeploy autodeploy
 
 
 def cmd_completion(args: argparse.Namespace) -> int:
-    from controller.cli import build_parser
-    sys.stdout.write(completion_script(build_parser(), args.shell))
+    sys.stdout.write(completion_script(args.parser, args.shell))
     return 0
 
 

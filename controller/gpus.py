@@ -6,33 +6,19 @@ says which of the two it used, so a fake GPU is never mistaken for a real one.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import pynvml
 
+from controller.inventory import Gpu, Inventory
+
+__all__ = ["Gpu", "Inventory", "NvmlGpuSource", "discover_inventory", "format_inventory"]
+
 if TYPE_CHECKING:
     from controller.stack import StackConfig
 
 _MIB = 1024 * 1024  # NVML counts bytes; we show MiB like nvidia-smi does.
-
-
-@dataclass(frozen=True)
-class Gpu:
-    index: int
-    uuid: str
-    name: str
-    memory_total_mb: int  # MiB; 0 when a declared GPU leaves memoryMb out
-    memory_used_mb: int | None = None
-    utilization_pct: int | None = None
-
-
-@dataclass
-class Inventory:
-    gpus: list[Gpu]
-    source: str  # "nvml" | "stack config <file>" | "none"
-    detail: str = ""  # why this source, e.g. why NVML was not used
 
 
 def _text(value: str | bytes) -> str:

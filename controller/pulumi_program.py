@@ -36,7 +36,7 @@ from urllib.parse import urlparse
 
 from controller.drivers.docker import bind_address
 from controller.errors import NO_FREE_GPU, SPEC_INVALID, AutoDeployError
-from controller.gpus import Gpu, Inventory
+from controller.inventory import Gpu, Inventory
 from controller.policy.placement import (NodePlacement, NodeView, NoPlacement, Placement, place_many,
                                          place_slots_on_nodes)
 from controller.spec import Deployment

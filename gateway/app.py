@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import os
 import time
@@ -24,6 +23,7 @@ from gateway.guard import ApiGuard
 from gateway.inflight import SharedInflight
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.outliers import CONNECT_FAILED, RESET, retry_allowed
+from gateway.responses import error_response, json_bytes as _json_bytes
 from gateway.routing import Lease, Router, Target
 from gateway.upstream import (SMALL_BODY, UpstreamBadRequest, UpstreamBadResponse, UpstreamConnectError, UpstreamPool,
                               UpstreamProtocolError, UpstreamResponse, UpstreamTimeout)
@@ -39,19 +39,6 @@ ROUTE_RULE = "Deploy-Route-Rule"
 ROUTE_TARGET = "Deploy-Route-Target"
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 CHUNK = 64 * 1024
-
-
-def error_response(exc: AutoDeployError) -> Response:
-    resp = Response(_json_bytes(exc.to_json()), status=exc.error.http_status, mimetype="application/json")
-    if exc.error.http_status == 401:
-        resp.headers["WWW-Authenticate"] = 'Bearer realm="autodeploy"'
-    if exc.retry_after is not None:
-        resp.headers["Retry-After"] = str(max(1, int(round(exc.retry_after + 0.499))))
-    return resp
-
-
-def _json_bytes(data: object) -> bytes:
-    return json.dumps(data).encode()
 
 
 def peer_trusted(peer: str, trusted_proxies: tuple[str, ...]) -> bool:

@@ -16,7 +16,7 @@ from controller import errors
 from controller.core import Controller
 from controller.errors import AutoDeployError
 from controller.fleet import DRAINING, GONE, READY, STARTING, STOPPING, InstancePhase, Rec
-from controller.gpus import Gpu, Inventory
+from controller.inventory import Gpu, Inventory
 from controller.loader import load_text
 from controller.policy.capacity import SCALE_OUT
 from controller.stack import Prices

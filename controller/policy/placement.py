@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from controller.gpus import Gpu
+from controller.inventory import Gpu
 from controller.spec import GpuSpec
 
 # Brand words NVML puts in front of the model ("Tesla T4", "NVIDIA H100 ...") while

@@ -18,6 +18,7 @@ from controller import errors
 from controller.errors import AutoDeployError
 from controller.humantime import ago, duration
 from controller.policy.status import brief_error
+from gateway.responses import error_response
 from gateway.ui.charts import history_charts
 from gateway.ui.session import COOKIE, ControlTokens, Session, Sessions, TokenVerifier
 
@@ -76,7 +77,6 @@ def register(app: Flask, ipc: Any, verifier: TokenVerifier | None = None, sessio
     def _coded(exc: AutoDeployError) -> Any:
         if exc.error is errors.LOGIN_REQUIRED and request.method == "GET" and not request.args.get("fragment"):
             return Response(page("ui_login.html", error=None), status=401)
-        from gateway.app import error_response
         return error_response(exc)
 
     @bp.get("/login")
