@@ -59,7 +59,9 @@ class SizeWatch:
         self._thread.join(timeout=10)
 
 
-def test_concurrent_load_grows_to_max_replicas_then_shrinks_to_zero_with_reasons(serve, data_plane):
+def test_concurrent_load_grows_to_max_replicas_with_reasons(serve, data_plane):
+    """Real concurrent requests reach the autoscaler through the data plane. The way back
+    down (scale-down delay, scale to zero) is a decision: tests/test_controller.py."""
     s = serve({"auto.yaml": autoscaled("auto")})
     watch = SizeWatch(lambda: len(s.instances("auto")))
     try:
@@ -70,47 +72,21 @@ def test_concurrent_load_grows_to_max_replicas_then_shrinks_to_zero_with_reasons
                        what="3 ready instances under load")
         finally:
             heavy.stop()
-        # One client left: concurrency about 1, so after the windows catch up one instance is enough.
-        light = Load(s.url + "/d/auto/slow?ms=300", clients=1)
-        try:
-            s.wait_for(lambda: sum(i["state"] == "ready" for i in s.instances("auto")) == 1, timeout=40,
-                       what="scale-down to 1 under light load")
-        finally:
-            light.stop()
-        s.wait_for(lambda: s.instances("auto") == [], timeout=40, what="scale to zero after the load stopped")
     finally:
         watch.stop()
-    assert set(heavy.statuses + light.statuses) == {200}
+    assert set(heavy.statuses) == {200}
     assert max(watch.seen) == 3  # grew to maxReplicas and never above it
 
-    dep = s.status("auto")
-    story = "\n".join(f"{e['kind']} {e['instance']}: {e['message']}" for e in reversed(dep["events"]))
-    assert dep["status"] == "Standby"
-    events = dep["events"]
+    events = s.status("auto")["events"]
+    story = "\n".join(f"{e['kind']} {e['instance']}: {e['message']}" for e in reversed(events))
     decisions = [e["message"] for e in events if e["kind"] == "autoscale"]
     ups = [m for m in decisions if _sizes(m)[0] < _sizes(m)[1]]
     assert any("concurrency" in m and "target 2" in m for m in ups), story
-    assert any("-> 1:" in m and "scaleDownDelay" in m for m in decisions), story
     starts = [e["message"] for e in events if e["kind"] == "start"]
     assert any(m.startswith("autoscale") and "concurrency" in m for m in starts), story
-    releases = [e["message"] for e in events if e["kind"] in ("release", "autoscale")]
-    assert any("idle" in m for m in releases), story
 
 
 def _sizes(message: str) -> tuple[int, int]:
     """'1 -> 3: concurrency ...' -> (1, 3)"""
     before, after = message.split(":", 1)[0].split(" -> ")
     return int(before), int(after)
-
-
-def test_without_autoscaling_load_does_not_add_instances(serve):
-    s = serve({"fixed.yaml": deployment_yaml("fixed", max_replicas=3)})
-    load = Load(s.url + "/d/fixed/slow?ms=200", clients=8)
-    try:
-        s.wait_for(lambda: s.status("fixed")["metrics"]["requests"] >= 40, timeout=30, what="40 requests served")
-    finally:
-        load.stop()
-    assert set(load.statuses) == {200}
-    assert len(s.instances("fixed")) == 1
-    assert s.status("fixed")["autoscaling"] == {"enabled": False}
-    assert not [e for e in s.status("fixed")["events"] if e["kind"] == "autoscale"]

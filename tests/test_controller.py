@@ -224,10 +224,13 @@ def test_a_request_during_release_revives_the_draining_instance_instead_of_start
 
 
 # ---------------------------------------------------------------------------- minReplicas, crash, backoff
-def test_min_replicas_are_kept_and_a_crash_is_replaced_after_backoff(h: Harness):
-    h.apply(dep(min_replicas=1))
+def test_min_replicas_are_kept_past_idle_timeout_and_a_crash_is_replaced_after_backoff(h: Harness):
+    h.apply(dep(min_replicas=1, idle="1s"))
     h.c.tick()
     first = h.settle("m", "ready")[0]
+    h.clock.advance(5)
+    h.c.tick()
+    assert h.phases("m") == ["ready"]  # past idleTimeout: minReplicas are kept
     h.driver.crash(first.id, code=3, tail="CUDA error")
     h.c.tick()
     assert first.phase is GONE and h.phases("m") == []  # backing off: no restart in this pass
@@ -487,3 +490,86 @@ def test_a_listener_sees_every_phase_change_of_an_instance(h: Harness):
     h.settle("m")
     assert seen == [(None, "starting"), ("starting", "ready"), ("ready", "draining"),
                     ("draining", "stopping"), ("stopping", "gone")]
+
+
+# ---------------------------------------------------------------------------- autoscaling
+AUTOSCALING = ("    autoscaling: {enabled: true, targetConcurrency: 2, stableWindow: 6s, panicWindow: 2s,"
+               " scaleDownDelay: 2s}\n")
+
+
+def autoscaled(name: str, max_replicas: int = 3, idle: str = "3s") -> str:
+    text = dep(name, max_replicas=max_replicas, idle=idle)
+    marker = f"    idleTimeout: {idle}\n"
+    assert marker in text
+    return text.replace(marker, marker + AUTOSCALING)
+
+
+def drive_load(h: Harness, name: str, in_flight: int, until, what: str, sizes: list[int],
+               passes: int = 400) -> None:
+    """Reconcile passes 0.25 s of fake time apart while one gateway worker reports
+    `in_flight` requests spread round robin over the ready instances, until `until()` holds."""
+    for n in range(passes):
+        h.clock.advance(0.25)
+        ready = [r.id for r in h.recs(name) if r.phase is READY]
+        spread = dict.fromkeys(ready, 0)
+        for k in range(in_flight if ready else 0):  # round robin, like the gateway
+            spread[ready[(n + k) % len(ready)]] += 1
+        h.c.sync(worker=1, version=h.c.version, inflight=spread, wait=0,
+                 activity={i: [h.clock(), n, 0] for i, n in spread.items() if n})
+        h.c.tick()
+        wait_until(lambda: STARTING not in [r.phase for r in h.recs(name)], "starting instances to be ready")
+        sizes.append(len(h.recs(name)))
+        if until():
+            return
+    raise AssertionError(f"{what} did not happen in {passes} passes; events: {h.kinds(name)}")
+
+
+def test_concurrency_grows_to_max_replicas_then_shrinks_to_zero_with_reasons(h: Harness):
+    h.apply(autoscaled("auto"))
+    h.c.acquire("auto", None, timeout=5)
+    sizes: list[int] = []
+    ready = lambda: sum(r.phase is READY for r in h.recs("auto"))  # noqa: E731
+    # 8 requests in flight against targetConcurrency 2 want 4 instances: capped at 3.
+    drive_load(h, "auto", 8, lambda: ready() == 3, "growth to 3", sizes)
+    # One request left: after the windows catch up one instance is enough.
+    drive_load(h, "auto", 1, lambda: len(h.recs("auto")) == 1, "scale-down to 1", sizes)
+    drive_load(h, "auto", 0, lambda: h.recs("auto") == [], "scale to zero", sizes)
+    assert max(sizes) == 3  # grew to maxReplicas and never above it
+    dep_status = h.c.status("auto")
+    assert dep_status["status"] == "Standby"
+    events = h.store.events("auto", limit=500)
+    story = "\n".join(f"{e.kind} {e.instance}: {e.message}" for e in events)
+    decisions = [e.message for e in events if e.kind == "autoscale"]
+    ups = [m for m in decisions if _sizes(m)[0] < _sizes(m)[1]]
+    assert any("concurrency" in m and "target 2" in m for m in ups), story
+    assert any("-> 1:" in m and "scaleDownDelay" in m for m in decisions), story
+    starts = [e.message for e in events if e.kind == "start"]
+    assert any(m.startswith("autoscale") and "concurrency" in m for m in starts), story
+    assert any("idle" in e.message for e in events if e.kind in ("release", "autoscale")), story
+
+
+def _sizes(message: str) -> tuple[int, int]:
+    """'1 -> 3: concurrency ...' -> (1, 3)"""
+    before, after = message.split(":", 1)[0].split(" -> ")
+    return int(before), int(after)
+
+
+def test_without_autoscaling_load_does_not_add_instances(h: Harness):
+    h.apply(dep("fixed", max_replicas=3))
+    h.c.acquire("fixed", None, timeout=5)
+    sizes: list[int] = []
+    passes = iter(range(40))
+    drive_load(h, "fixed", 8, lambda: next(passes) == 39, "40 passes under load", sizes)
+    assert set(sizes) == {1}
+    assert h.c.status("fixed")["autoscaling"] == {"enabled": False}
+    assert "autoscale" not in h.kinds("fixed")
+
+
+def test_a_scale_down_drains_the_least_busy_instance_and_traffic_does_not_revive_it(h: Harness):
+    h.apply(autoscaled("auto", idle="10m"))
+    h.c.acquire("auto", None, timeout=5)
+    sizes: list[int] = []
+    drive_load(h, "auto", 6, lambda: len(h.recs("auto")) == 3, "growth to 3", sizes)
+    drive_load(h, "auto", 1, lambda: DRAINING in [r.phase for r in h.recs("auto")], "a scale-down", sizes)
+    victims = [r for r in h.recs("auto") if r.phase is DRAINING]
+    assert victims and all(not r.revivable for r in victims)

@@ -42,19 +42,6 @@ def test_burst_at_zero_starts_exactly_one_instance(serve, data_plane):
     assert len(s.instances("hello")) == 1
 
 
-def test_scale_out_starts_new_instances_until_quota_then_1007(serve):
-    s = serve({"hello.yaml": deployment_yaml("hello", max_replicas=2)})
-    first = s.get("/d/hello/whoami", headers={RULE: "scale-out"})
-    second = s.get("/d/hello/whoami", headers={RULE: "scale-out"})
-    assert first.status_code == second.status_code == 200
-    assert first.headers[TARGET] != second.headers[TARGET]
-    third = s.get("/d/hello/whoami", headers={RULE: "scale-out"})
-    assert third.status_code == 429
-    assert third.json() == {"code": 1007, "msg": "deployment replica quota exceeded: 2 of maxReplicas 2 started"} \
-        or third.json()["code"] == 1007
-    assert third.json()["msg"].startswith("deployment replica quota exceeded")
-
-
 def test_max_replicas_holds_under_concurrent_scale_out_across_workers(serve):
     s = serve({"hello.yaml": deployment_yaml("hello", max_replicas=3)}, "--workers", "3")
     with ThreadPoolExecutor(20) as pool:
@@ -176,16 +163,6 @@ def test_errors_from_the_instance_pass_through_untouched(serve, data_plane):
     assert r.headers[TARGET]
 
 
-def test_idle_instance_is_released_after_idle_timeout(serve, data_plane):
-    s = serve({"hello.yaml": deployment_yaml("hello", idle="1s")})
-    r = s.get("/d/hello/whoami")
-    pid = r.json()["pid"]
-    s.wait_for(lambda: s.status("hello")["status"] == "Standby", timeout=15, what="idle release")
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    events = [e["kind"] for e in s.status("hello")["events"]]
-    assert "release" in events and "stop" in events
-
-
 def test_requests_arriving_during_idle_release_are_all_served(serve, data_plane):
     s = serve({"hello.yaml": deployment_yaml("hello", idle="300ms")}, "--workers", "2")
     codes = []
@@ -239,18 +216,6 @@ def test_queue_timeout_answers_1005_with_retry_after(serve):
     assert r.headers["Retry-After"]
 
 
-def test_min_replicas_are_started_at_serve_start_and_kept(serve):
-    s = serve({"warm.yaml": deployment_yaml("warm", min_replicas=2, idle="1s")})
-    s.wait_for(lambda: s.status("warm")["replicas"]["ready"] == 2, what="2 warm instances")
-    time.sleep(2.5)  # past idleTimeout: minReplicas are kept
-    assert s.status("warm")["replicas"]["ready"] == 2
-    pid = s.instances("warm")[0]["pid"]
-    os.killpg(pid, signal.SIGKILL)  # a crash is replaced
-    s.wait_for(lambda: pid not in [i["pid"] for i in s.instances("warm")] and
-               s.status("warm")["replicas"]["ready"] == 2, timeout=20, what="crashed instance replaced")
-    assert "crashed" in [e["kind"] for e in s.status("warm")["events"]]
-
-
 def test_crashed_instance_is_noticed_and_the_next_request_is_served(serve, data_plane):
     s = serve({"hello.yaml": deployment_yaml("hello")})
     first = s.get("/d/hello/whoami")
@@ -274,15 +239,6 @@ def test_invalid_change_is_reported_and_last_good_revision_keeps_serving(serve):
     s.wait_for(lambda: s.status("hello")["revision"]["number"] == 2, what="fixed file applied")
     assert s.status()["errors"] == []
     assert s.status("hello")["replicas"]["max"] == 4
-
-
-def test_removed_deployment_drains_and_stops(serve, data_plane):
-    s = serve({"hello.yaml": deployment_yaml("hello"), "other.yaml": deployment_yaml("other")})
-    pid = s.get("/d/other/whoami").json()["pid"]
-    (s.deployments / "other.yaml").unlink()
-    s.wait_for(lambda: [d["name"] for d in s.status()["deployments"]] == ["hello"], what="deployment removed")
-    s.wait_for(lambda: not psutil.pid_exists(pid), what="instance stopped")
-    assert s.get("/d/other/whoami").json()["code"] == 1001
 
 
 def test_status_reports_cost_from_stack_prices(serve):
