@@ -83,13 +83,6 @@ class UpstreamPool:
                 return
         conn.close()
 
-    def discard(self, host: str, port: int) -> None:
-        """Close every idle connection to an upstream that is gone."""
-        with self._lock:
-            idle = self._idle.pop((host, port), deque())
-        for conn in idle:
-            conn.close()
-
     def request(self, host: str, port: int, method: str, target: str, headers: list[tuple[str, str]],
                 body: bytes | Iterable[bytes] | None = None, content_length: int | None = None,
                 timeout: float | None = None) -> "UpstreamResponse":

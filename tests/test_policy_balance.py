@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from controller.policy.balance import (Candidate, HashRing, OutlierState, client_ip, ejected,
                                        health_update, ip_hash, least_connections, outlier_forget,
-                                       outlier_update, round_robin, stable_hash, sticky_target,
+                                       outlier_update, stable_hash, sticky_target,
                                        weighted_split)
 
 
@@ -19,24 +19,6 @@ def cands(*loads: int) -> list[Candidate]:
 
 
 # --- round robin -----------------------------------------------------------
-
-def test_round_robin_visits_every_instance_in_id_order_then_wraps():
-    cs = [Candidate("b", 0), Candidate("c", 9), Candidate("a", 0)]
-    assert [round_robin(cs, k) for k in range(6)] == ["a", "b", "c", "a", "b", "c"]
-
-
-def test_round_robin_order_does_not_depend_on_the_order_candidates_arrive_in():
-    cs = cands(0, 0, 0, 0)
-    shuffled = list(reversed(cs))
-    assert [round_robin(cs, k) for k in range(8)] == [round_robin(shuffled, k) for k in range(8)]
-
-
-def test_round_robin_with_no_candidates_is_an_error():
-    with pytest.raises(ValueError, match="no candidates"):
-        round_robin([], 0)
-
-
-# --- least connections (power of two choices) ------------------------------
 
 def test_p2c_with_one_candidate_picks_it():
     assert least_connections(cands(7), random.Random(0)) == "i0"

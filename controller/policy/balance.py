@@ -32,12 +32,6 @@ def _ordered(candidates: Iterable[Candidate]) -> list[Candidate]:
     return out
 
 
-def round_robin(candidates: Sequence[Candidate], counter: int) -> str:
-    """The `counter`-th candidate in id order, wrapping around."""
-    ordered = _ordered(candidates)
-    return ordered[counter % len(ordered)].id
-
-
 def least_connections(candidates: Sequence[Candidate], rand: random.Random) -> str:
     """Power of two choices: sample two, take the one with fewer in flight per weight.
 
