@@ -12,8 +12,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import yaml
-
 from controller import errors
 from controller.alerting import Alerting
 from controller.autoscaler import Autoscaler
@@ -21,9 +19,9 @@ from controller.coldstart import ColdStarts
 from controller.drivers.base import Driver
 from controller.errors import AutoDeployError
 from controller.fleet import DRAINING, READY, STARTING, STOPPING, DepRuntime, Fleet, Probes, Rec
-from controller.loader import LoadResult, SpecError, load_text
+from controller.loader import LoadResult, SpecError
 from controller.node_watch import NodeWatch, place_instance
-from controller.operations import Operations
+from controller.operations import Operations, spec_from_revision
 from controller.policy.autoscale import idle_instances
 from controller.policy.capacity import Capacity, decide_acquire
 from controller.policy.edits import rename_message
@@ -395,9 +393,12 @@ class Controller:
         for row in reversed(self.store.revisions(name)):
             if row.revision != revision:
                 continue
-            loaded = load_text(yaml.safe_dump(row.content, sort_keys=False), row.source_file)
-            if loaded.deployments and loaded.deployments[0].revision == revision:
-                return loaded.deployments[0], row.number
+            try:
+                spec = spec_from_revision(row)
+            except AutoDeployError:
+                continue
+            if spec.revision == revision:
+                return spec, row.number
         return None
 
     # ------------------------------------------------------------------ operations

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 
@@ -124,13 +125,13 @@ class Deployment:
     source_line: int = 0
     raw: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
-    @property
+    @cached_property
     def revision(self) -> str:
         """Content hash of the document: equal specs give equal revisions."""
         blob = json.dumps(self.raw, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
-    @property
+    @cached_property
     def template_hash(self) -> str:
         """Hash of what an instance is made from: a change means new instances."""
         parts = {
