@@ -195,6 +195,10 @@ class AuthStore:
         self._q("UPDATE api_tokens SET last_used=? WHERE hash=?", (self.clock(), token_hash))
         return Principal(rows[0][0], rows[0][1])
 
+    def token_name(self, token_hash: str) -> str | None:
+        rows = self._q("SELECT name FROM api_tokens WHERE hash=?", (token_hash,))
+        return rows[0][0] if rows else None
+
     def has_token(self, name: str) -> bool:
         return bool(self._q("SELECT 1 FROM api_tokens WHERE name=?", (name,)))
 
@@ -349,8 +353,7 @@ class AuthService:
         return {"message": f"token {name} revoked" + (f"; {path} removed" if bootstrap else "")}
 
     def _name_of(self, token_hash: str) -> str | None:
-        rows = self.store._q("SELECT name FROM api_tokens WHERE hash=?", (token_hash,))
-        return rows[0][0] if rows else None
+        return self.store.token_name(token_hash)
 
     def keys(self, req: dict, _builtin: Any = None) -> dict:
         do, actor = req.get("do"), req.get("actor", "unknown")

@@ -5,6 +5,7 @@ lock is plenty for the controller's write rate (a few rows per instance lifetime
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -12,7 +13,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from controller.drivers.base import Instance
 
@@ -104,6 +105,7 @@ class Store:
         # Masks secret values in event messages (controller.secrets.Redactor, set by serve).
         self.redact: Callable[[str], str] = lambda text: text
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row  # columns by name
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
@@ -112,7 +114,7 @@ class Store:
 
     def _migrate(self) -> None:
         for table, column, kind in MIGRATIONS:
-            have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})").fetchall()}
+            have = {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})").fetchall()}
             if column not in have:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
@@ -126,10 +128,10 @@ class Store:
         problem = None
         try:
             store = cls(path)
-            rows = store._query("PRAGMA integrity_check")
-            if [r[0] for r in rows] == ["ok"]:
+            found = store.integrity_problems()
+            if not found:
                 return store, None
-            problem = "; ".join(str(r[0]) for r in rows[:3])
+            problem = "; ".join(found[:3])
             store.close()
         except sqlite3.DatabaseError as exc:
             problem = str(exc)
@@ -150,12 +152,30 @@ class Store:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(f"file:{urllib.parse.quote(str(path))}?mode=ro", uri=True, check_same_thread=False,
                                    isolation_level=None)
+        self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA busy_timeout=5000")
         return self
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def integrity_problems(self) -> list[str]:
+        """What SQLite's integrity check finds; empty when the file is sound."""
+        rows = [str(r[0]) for r in self._query("PRAGMA integrity_check")]
+        return [] if rows == ["ok"] else rows
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One transaction: committed when the block ends, rolled back when it raises."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def _exec(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
         with self._lock:
@@ -184,21 +204,17 @@ class Store:
 
     def remove_instance(self, instance_id: str, stopped_at: float) -> None:
         """Drop the row and book its running time in the ledger, in one transaction."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT deployment, started_at, price_per_hour, node FROM instances WHERE id=?",
-                (instance_id,)).fetchone()
+        with self._tx() as db:
+            row = db.execute("SELECT deployment, started_at, price_per_hour, node FROM instances WHERE id=?",
+                             (instance_id,)).fetchone()
             if row is None:
                 return
-            deployment, started_at, price, node = row
-            seconds = max(0.0, stopped_at - started_at)
-            self._db.execute("BEGIN")
-            self._db.execute("INSERT INTO ledger (deployment, instance, started_at, stopped_at, seconds,"
-                             " price_per_hour, cost, node) VALUES (?,?,?,?,?,?,?,?)",
-                             (deployment, instance_id, started_at, stopped_at, seconds, price,
-                              seconds * price / 3600.0, node))
-            self._db.execute("DELETE FROM instances WHERE id=?", (instance_id,))
-            self._db.execute("COMMIT")
+            seconds = max(0.0, stopped_at - row["started_at"])
+            db.execute("INSERT INTO ledger (deployment, instance, started_at, stopped_at, seconds,"
+                       " price_per_hour, cost, node) VALUES (?,?,?,?,?,?,?,?)",
+                       (row["deployment"], instance_id, row["started_at"], stopped_at, seconds, row["price_per_hour"],
+                        seconds * row["price_per_hour"] / 3600.0, row["node"]))
+            db.execute("DELETE FROM instances WHERE id=?", (instance_id,))
 
     def instances(self, driver: str | None = None) -> list[StoredInstance]:
         sql = ("SELECT id, deployment, revision, driver, host, port, pid, pid_create_time, container_id, gpu_ids,"
@@ -206,16 +222,19 @@ class Store:
                + (" WHERE driver=?" if driver else "") + " ORDER BY started_at")
         rows = self._query(sql, (driver,) if driver else ())
         return [StoredInstance(
-            instance=Instance(id=r[0], deployment=r[1], revision=r[2], host=r[4], port=r[5], pid=r[6],
-                              pid_create_time=r[7], container_id=r[8], gpu_ids=json.loads(r[9]),
-                              log_path=r[10], started_at=r[11], node=r[15]),
-            driver=r[3], ready_at=r[12], phase=r[13], price_per_hour=r[14]) for r in rows]
+            instance=Instance(id=r["id"], deployment=r["deployment"], revision=r["revision"], host=r["host"],
+                              port=r["port"], pid=r["pid"], pid_create_time=r["pid_create_time"],
+                              container_id=r["container_id"], gpu_ids=json.loads(r["gpu_ids"]),
+                              log_path=r["log_path"], started_at=r["started_at"], node=r["node"]),
+            driver=r["driver"], ready_at=r["ready_at"], phase=r["phase"], price_per_hour=r["price_per_hour"])
+            for r in rows]
 
     def ledger_by_node(self) -> dict[tuple[str, str | None], tuple[float, float]]:
         """(deployment, node) -> (instance-seconds, cost) of stopped instances; node None
         for instances of drivers without nodes."""
-        rows = self._query("SELECT deployment, node, SUM(seconds), SUM(cost) FROM ledger GROUP BY deployment, node")
-        return {(r[0], r[1]): (r[2], r[3]) for r in rows}
+        rows = self._query("SELECT deployment, node, SUM(seconds) AS seconds, SUM(cost) AS cost FROM ledger"
+                           " GROUP BY deployment, node")
+        return {(r["deployment"], r["node"]): (r["seconds"], r["cost"]) for r in rows}
 
     # events ----------------------------------------------------------------
     def event(self, deployment: str, kind: str, message: str, instance: str | None = None,
@@ -225,46 +244,48 @@ class Store:
 
     def events(self, deployment: str | None = None, limit: int = 50) -> list[Event]:
         if deployment:
-            rows = self._query("SELECT * FROM events WHERE deployment=? ORDER BY id DESC LIMIT ?",
+            rows = self._query(f"SELECT {_EVENT_COLUMNS} FROM events WHERE deployment=? ORDER BY id DESC LIMIT ?",
                                (deployment, limit))
         else:
-            rows = self._query("SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,))
-        return [Event(*r) for r in reversed(rows)]
+            rows = self._query(f"SELECT {_EVENT_COLUMNS} FROM events ORDER BY id DESC LIMIT ?", (limit,))
+        return [_event(r) for r in reversed(rows)]
 
     def count_events(self, deployment: str, kinds: tuple[str, ...], since: float) -> int:
         marks = ",".join("?" * len(kinds))
-        rows = self._query(f"SELECT COUNT(*) FROM events WHERE deployment=? AND kind IN ({marks}) AND at >= ?",
+        rows = self._query(f"SELECT COUNT(*) AS n FROM events WHERE deployment=? AND kind IN ({marks}) AND at >= ?",
                            (deployment, *kinds, since))
-        return int(rows[0][0])
+        return int(rows[0]["n"])
 
     def events_after(self, after_id: int, deployment: str | None = None, limit: int = 200) -> list[Event]:
         """Events with an id above `after_id`, oldest first (`autodeploy events -f` pages with it)."""
         if deployment:
-            rows = self._query("SELECT * FROM events WHERE deployment=? AND id>? ORDER BY id LIMIT ?",
+            rows = self._query(f"SELECT {_EVENT_COLUMNS} FROM events WHERE deployment=? AND id>? ORDER BY id LIMIT ?",
                                (deployment, after_id, limit))
         else:
-            rows = self._query("SELECT * FROM events WHERE id>? ORDER BY id LIMIT ?", (after_id, limit))
-        return [Event(*r) for r in rows]
+            rows = self._query(f"SELECT {_EVENT_COLUMNS} FROM events WHERE id>? ORDER BY id LIMIT ?",
+                               (after_id, limit))
+        return [_event(r) for r in rows]
 
     # cost ------------------------------------------------------------------
     def booked_cost(self) -> dict[str, tuple[float, float]]:
         """deployment -> (instance-seconds, cost) of instances that have stopped."""
-        rows = self._query("SELECT deployment, SUM(seconds), SUM(cost) FROM ledger GROUP BY deployment")
-        return {r[0]: (r[1] or 0.0, r[2] or 0.0) for r in rows}
+        rows = self._query("SELECT deployment, SUM(seconds) AS seconds, SUM(cost) AS cost FROM ledger"
+                           " GROUP BY deployment")
+        return {r["deployment"]: (r["seconds"] or 0.0, r["cost"] or 0.0) for r in rows}
 
     # revisions ---------------------------------------------------------------
     def record_revision(self, deployment: str, revision: str, source_file: str, content: dict,
                         at: float | None = None, commit: Commit | None = None) -> int:
         """Store a newly applied revision; returns its number (unchanged content: the last number).
         `commit` is the git commit that brought this content (a git source)."""
-        with self._lock:
-            last = self._db.execute(
+        with self._tx() as db:
+            last = db.execute(
                 "SELECT number, revision FROM revisions WHERE deployment=? ORDER BY number DESC LIMIT 1",
                 (deployment,)).fetchone()
-            if last and last[1] == revision:
-                return int(last[0])
-            number = (last[0] + 1) if last else 1
-            self._db.execute(
+            if last and last["revision"] == revision:
+                return int(last["number"])
+            number = (last["number"] + 1) if last else 1
+            db.execute(
                 "INSERT INTO revisions (deployment, number, revision, applied_at, source_file, content,"
                 " commit_sha, commit_author, commit_subject) VALUES (?,?,?,?,?,?,?,?,?)",
                 (deployment, number, revision, time.time() if at is None else at, source_file,
@@ -283,9 +304,9 @@ class Store:
     def revision_commit(self, deployment: str, number: int) -> Commit | None:
         rows = self._query("SELECT commit_sha, commit_author, commit_subject FROM revisions"
                            " WHERE deployment=? AND number=?", (deployment, number))
-        if not rows or rows[0][0] is None:
+        if not rows or rows[0]["commit_sha"] is None:
             return None
-        return Commit(rows[0][0], rows[0][1] or "", rows[0][2] or "")
+        return Commit(rows[0]["commit_sha"], rows[0]["commit_author"] or "", rows[0]["commit_subject"] or "")
 
     def set_instance_revision(self, instance_id: str, revision: str) -> None:
         """An in-place edit: the instance now runs the new revision (same instance template)."""
@@ -294,29 +315,39 @@ class Store:
     # runtime overrides (scale, stop, rollback, delete): drift from the files ----
     def set_override(self, deployment: str, base: str, data: dict, at: float | None = None) -> None:
         """`base` is the file's revision the override applies to; a new file content drops it."""
-        self._exec("INSERT OR REPLACE INTO overrides VALUES (?,?,?,?)",
+        self._exec("INSERT OR REPLACE INTO overrides (deployment, base, data, at) VALUES (?,?,?,?)",
                    (deployment, base, json.dumps(data), time.time() if at is None else at))
 
     def override(self, deployment: str) -> tuple[str, dict, float] | None:
         rows = self._query("SELECT base, data, at FROM overrides WHERE deployment=?", (deployment,))
-        return (rows[0][0], json.loads(rows[0][1]), rows[0][2]) if rows else None
+        return (rows[0]["base"], json.loads(rows[0]["data"]), rows[0]["at"]) if rows else None
 
     def overrides(self) -> dict[str, tuple[str, dict, float]]:
         rows = self._query("SELECT deployment, base, data, at FROM overrides ORDER BY deployment")
-        return {r[0]: (r[1], json.loads(r[2]), r[3]) for r in rows}
+        return {r["deployment"]: (r["base"], json.loads(r["data"]), r["at"]) for r in rows}
 
     def clear_override(self, deployment: str) -> None:
         self._exec("DELETE FROM overrides WHERE deployment=?", (deployment,))
 
     def forget(self, deployment: str) -> None:
         """Delete a deployment's stored state (after `autodeploy delete`)."""
-        with self._lock:
+        with self._tx() as db:
             # The audit trail (who did what, controller.auth) outlives what it audits.
-            self._db.execute("DELETE FROM events WHERE deployment=? AND kind != 'audit'", (deployment,))
+            db.execute("DELETE FROM events WHERE deployment=? AND kind != 'audit'", (deployment,))
             for table in ("revisions", "ledger", "instances"):
-                self._db.execute(f"DELETE FROM {table} WHERE deployment=?", (deployment,))
+                db.execute(f"DELETE FROM {table} WHERE deployment=?", (deployment,))
 
 
-def _revision_row(r: tuple) -> RevisionRow:
-    commit = Commit(r[6], r[7] or "", r[8] or "") if r[6] else None
-    return RevisionRow(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), commit)
+_EVENT_COLUMNS = "id, at, deployment, instance, kind, message"
+
+
+def _event(r: sqlite3.Row) -> Event:
+    return Event(id=r["id"], at=r["at"], deployment=r["deployment"], instance=r["instance"], kind=r["kind"],
+                 message=r["message"])
+
+
+def _revision_row(r: sqlite3.Row) -> RevisionRow:
+    commit = Commit(r["commit_sha"], r["commit_author"] or "", r["commit_subject"] or "") if r["commit_sha"] else None
+    return RevisionRow(deployment=r["deployment"], number=r["number"], revision=r["revision"],
+                       applied_at=r["applied_at"], source_file=r["source_file"], content=json.loads(r["content"]),
+                       commit=commit)

@@ -56,3 +56,40 @@ def test_revisions_are_numbered_and_unchanged_content_is_not_a_new_revision(tmp_
     assert store.record_revision("hello", "aaa", "d/hello.yaml", {"a": 1}) == 1
     assert store.record_revision("hello", "bbb", "d/hello.yaml", {"a": 2}) == 2
     assert [(r.number, r.content) for r in store.revisions("hello")] == [(1, {"a": 1}), (2, {"a": 2})]
+
+
+def test_a_write_that_fails_half_way_rolls_back_and_the_store_keeps_working(tmp_path):
+    store = make(tmp_path)
+    store.put_instance(inst(), "local", "ready", price_per_hour=3.6)
+    # The ledger insert of remove_instance fails: the instance row must not be deleted either.
+    sqlite3.connect(tmp_path / "state" / "autodeploy.db").execute("DROP TABLE ledger")
+    try:
+        store.remove_instance("abcdefgh", stopped_at=200.0)
+    except sqlite3.OperationalError as exc:
+        assert "ledger" in str(exc)
+    else:
+        raise AssertionError("removing without a ledger table should fail")
+    assert [s.instance.id for s in store.instances()] == ["abcdefgh"]
+    store.event("hello", "note", "still writable after the rollback")
+    assert [e.message for e in store.events("hello")] == ["still writable after the rollback"]
+
+
+def test_rows_are_read_by_column_name_whatever_the_column_order(tmp_path):
+    path = tmp_path / "state" / "autodeploy.db"
+    store = make(tmp_path)
+    store.event("hello", "start", "first", "abcdefgh", at=5.0)
+    store.record_revision("hello", "r1", "hello.yaml", {"a": 1}, at=6.0)
+    # An older file whose events table has its columns in another order reads the same.
+    db = sqlite3.connect(path)
+    db.executescript("ALTER TABLE events RENAME TO events_old;"
+                     "CREATE TABLE events (message TEXT NOT NULL, kind TEXT NOT NULL, instance TEXT,"
+                     " deployment TEXT NOT NULL, at REAL NOT NULL, id INTEGER PRIMARY KEY AUTOINCREMENT);"
+                     "INSERT INTO events (id, at, deployment, instance, kind, message)"
+                     " SELECT id, at, deployment, instance, kind, message FROM events_old;"
+                     "DROP TABLE events_old;")
+    db.commit()
+    [event] = make(tmp_path).events("hello")
+    assert (event.at, event.deployment, event.instance, event.kind, event.message) == \
+        (5.0, "hello", "abcdefgh", "start", "first")
+    [row] = make(tmp_path).revisions("hello")
+    assert (row.number, row.revision, row.applied_at, row.content) == (1, "r1", 6.0, {"a": 1})
