@@ -7,6 +7,7 @@ checks here cover what a schema cannot say (cross-field rules, unique names).
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import functools
 import json
@@ -129,6 +130,47 @@ def _key_homes() -> dict[str, tuple[str, ...]]:
     return {k: tuple(v) for k, v in homes.items()}
 
 
+@functools.cache
+def schema_defaults() -> dict[Pointer, Any]:
+    """The schema's `default` values by pointer ("[]" stands for any list item): the one
+    place defaults are written. The loader fills them in (`with_defaults`); spec.py's
+    dataclass defaults are checked against them (tests/test_loader.py)."""
+    out: dict[Pointer, Any] = {}
+
+    def walk(node: dict[str, Any], at: Pointer) -> None:
+        node = _resolve(node)
+        for key, sub in node.get("properties", {}).items():
+            sub_r = _resolve(sub)
+            if "default" in sub_r:
+                out[at + (key,)] = sub_r["default"]
+            walk(sub_r, at + (key,))
+        if isinstance(node.get("items"), dict):
+            walk(node["items"], at + ("[]",))
+
+    walk(load_schema(), ())
+    return out
+
+
+def schema_default(pointer: Pointer) -> Any:
+    """The schema's default at `pointer` (list indexes match any item); KeyError without one."""
+    return copy.deepcopy(schema_defaults()[tuple("[]" if isinstance(p, int) else p for p in pointer)])
+
+
+def with_defaults(data: Any, at: Pointer = ()) -> Any:
+    """A copy of a valid document with every unwritten key that has a schema default filled in.
+    Optional objects without a default (healthCheck) stay absent."""
+    defaults = schema_defaults()
+    if isinstance(data, list):
+        return [with_defaults(item, at + ("[]",)) for item in data]
+    if not isinstance(data, dict):
+        return data
+    out = {k: with_defaults(v, at + (k,)) for k, v in data.items()}
+    for pointer, value in defaults.items():
+        if len(pointer) == len(at) + 1 and pointer[:-1] == at and pointer[-1] not in out:
+            out[pointer[-1]] = with_defaults(copy.deepcopy(value), pointer)
+    return out
+
+
 # --- YAML documents with their line numbers ----------------------------------------------
 
 @dataclass
@@ -152,6 +194,11 @@ class _Doc:
                 return default
             node = node[part]
         return node
+
+    def value(self, pointer: Pointer) -> Any:
+        """What is written at `pointer`, else the schema's default there."""
+        found = self.get(pointer)
+        return schema_default(pointer) if found is _MISSING else found
 
 
 def _key_value(node: Node) -> Any:
@@ -584,9 +631,9 @@ def _num(value: Any) -> float | None:
     return float(value)
 
 
-def _duration(value: Any, default: str) -> float | None:
+def _duration(value: Any) -> float | None:
     try:
-        return parse_duration(default if value is _MISSING else value)
+        return parse_duration(value)
     except (TypeError, ValueError):
         return None
 
@@ -607,7 +654,7 @@ def _semantic_errors(doc: _Doc, filename: str, require_image: bool) -> list[Spec
         return pointers[0]
 
     scaling = _SPEC + ("scaling",)
-    lo, hi = doc.get(scaling + ("minReplicas",), 0), doc.get(scaling + ("maxReplicas",), 1)
+    lo, hi = doc.value(scaling + ("minReplicas",)), doc.value(scaling + ("maxReplicas",))
     if _num(lo) is not None and _num(hi) is not None and lo > hi:
         default = "" if scaling + ("maxReplicas",) in doc.lines else ", the default"
         add(written(scaling + ("minReplicas",)),
@@ -615,15 +662,15 @@ def _semantic_errors(doc: _Doc, filename: str, require_image: bool) -> list[Spec
             "raise maxReplicas or lower minReplicas")
 
     gpu = _SPEC + ("resources", "gpu")
-    gpu_type, gpu_count = doc.get(gpu + ("type",), None), doc.get(gpu + ("count",), 0)
+    gpu_type, gpu_count = doc.value(gpu + ("type",)), doc.value(gpu + ("count",))
     if isinstance(gpu_type, str) and gpu_type and gpu_count == 0:
         add(gpu + ("type",), f"spec.resources.gpu.type is {gpu_type} but gpu.count is 0; set gpu.count "
             "to 1 or more, or remove gpu.type")
 
     hc = _SPEC + ("loadBalancer", "healthCheck")
     if isinstance(doc.get(hc, None), dict):
-        interval = _num(doc.get(hc + ("intervalSeconds",), 30))
-        timeout = _num(doc.get(hc + ("timeoutSeconds",), 5))
+        interval = _num(doc.value(hc + ("intervalSeconds",)))
+        timeout = _num(doc.value(hc + ("timeoutSeconds",)))
         if interval is not None and timeout is not None and timeout >= interval:
             add(written(hc + ("timeoutSeconds",), hc + ("intervalSeconds",)),
                 f"spec.loadBalancer.healthCheck.timeoutSeconds ({timeout:g}) must be less than intervalSeconds "
@@ -646,21 +693,21 @@ def _semantic_errors(doc: _Doc, filename: str, require_image: bool) -> list[Spec
             doc.get(auto + (t,), None) is None for t in targets):
         add(auto + ("enabled",), "spec.scaling.autoscaling is enabled but has no target; set at least one of "
             + ", ".join(targets))
-    panic = _duration(doc.get(auto + ("panicWindow",)), "6s")
-    stable = _duration(doc.get(auto + ("stableWindow",)), "60s")
+    panic = _duration(doc.value(auto + ("panicWindow",)))
+    stable = _duration(doc.value(auto + ("stableWindow",)))
     if panic is not None and stable is not None and panic >= stable:
         add(written(auto + ("panicWindow",), auto + ("stableWindow",)),
             f"spec.scaling.autoscaling.panicWindow ({panic:g}s) must be shorter than stableWindow ({stable:g}s)")
 
-    if _duration(doc.get(_SPEC + ("requestTimeout",)), "300s") == 0:
+    if _duration(doc.value(_SPEC + ("requestTimeout",))) == 0:
         add(_SPEC + ("requestTimeout",), "spec.requestTimeout is 0, so every request would time out; give "
             "instances time to answer, e.g. 300s")
 
-    if _duration(doc.get(scaling + ("startTimeout",)), "300s") == 0:
+    if _duration(doc.value(scaling + ("startTimeout",))) == 0:
         add(scaling + ("startTimeout",), "spec.scaling.startTimeout is 0; give instances time to start, e.g. 300s")
 
-    tunnel = _duration(doc.get(_SPEC + ("tunnelTimeout",)), "1h")
-    tunnel_idle = _duration(doc.get(_SPEC + ("tunnelIdleTimeout",)), "5m")
+    tunnel = _duration(doc.value(_SPEC + ("tunnelTimeout",)))
+    tunnel_idle = _duration(doc.value(_SPEC + ("tunnelIdleTimeout",)))
     if tunnel == 0 or tunnel_idle == 0:
         add(_SPEC + (("tunnelTimeout",) if tunnel == 0 else ("tunnelIdleTimeout",)),
             "spec.tunnelTimeout and spec.tunnelIdleTimeout must be more than 0, e.g. 1h and 5m")
@@ -670,7 +717,7 @@ def _semantic_errors(doc: _Doc, filename: str, require_image: bool) -> list[Spec
             "so it could never apply; shorten it")
 
     rollout = _SPEC + ("rollout",)
-    surge, unavailable = doc.get(rollout + ("maxSurge",), "25%"), doc.get(rollout + ("maxUnavailable",), "25%")
+    surge, unavailable = doc.value(rollout + ("maxSurge",)), doc.value(rollout + ("maxUnavailable",))
     if surge in (0, "0%") and unavailable in (0, "0%") and not isinstance(surge, bool):
         add(written(rollout + ("maxUnavailable",), rollout + ("maxSurge",)),
             "spec.rollout.maxSurge and maxUnavailable are both 0, so a rolling update could never replace "
@@ -700,85 +747,81 @@ def _opt_float(value: Any) -> float | None:
 def _to_deployment(doc: _Doc, filename: str) -> Deployment:
     """Only called on documents without errors, so the schema's shape holds here."""
     data: dict[str, Any] = doc.data
-    meta, spec = data["metadata"], data["spec"]
-    res = spec.get("resources", {})
-    gpu = res.get("gpu", {})
-    sc = spec.get("scaling", {})
-    au = sc.get("autoscaling", {})
-    lb = spec.get("loadBalancer", {})
-    hc = lb.get("healthCheck")
-    ro = spec.get("rollout", {})
-    env = spec.get("env", {})
+    full = with_defaults(data)  # every default from the schema, the document itself untouched
+    meta, spec = full["metadata"], full["spec"]
+    res, sc, lb, ro = spec["resources"], spec["scaling"], spec["loadBalancer"], spec["rollout"]
+    gpu, au, hc, analysis = res["gpu"], sc["autoscaling"], lb.get("healthCheck"), ro["analysis"]
+    env = spec["env"]
     return Deployment(
         name=meta["name"],
         model_id=spec["model"]["id"],
         model_version=spec["model"]["version"],
         command=spec["command"],
         port=int(spec["port"]),
-        description=meta.get("description", ""),
-        environment=meta.get("environment", "development"),
-        labels=dict(meta.get("labels", {})),
-        image=spec.get("image"),
+        description=meta["description"],
+        environment=meta["environment"],
+        labels=dict(meta["labels"]),
+        image=spec["image"],
         env={k: v for k, v in env.items() if isinstance(v, str)},
         secret_env={k: v["secret"] for k, v in env.items() if isinstance(v, dict)},
         secret_lines={k: doc.line_of(("spec", "env", k)) for k, v in env.items() if isinstance(v, dict)},
         access=spec.get("access", "public"),
         resources=Resources(
-            cpu=_opt_float(res.get("cpu")),
-            memory_gb=_opt_float(res.get("memoryGb")),
-            gpu=GpuSpec(count=int(gpu.get("count", 0)), type=gpu.get("type")),
-            storage_gb=_opt_float(res.get("storageGb")),
-            bandwidth_mbps=_opt_float(res.get("bandwidthMbps")),
+            cpu=_opt_float(res["cpu"]),
+            memory_gb=_opt_float(res["memoryGb"]),
+            gpu=GpuSpec(count=int(gpu["count"]), type=gpu["type"]),
+            storage_gb=_opt_float(res["storageGb"]),
+            bandwidth_mbps=_opt_float(res["bandwidthMbps"]),
         ),
         scaling=Scaling(
-            min_replicas=int(sc.get("minReplicas", 0)),
-            max_replicas=int(sc.get("maxReplicas", 1)),
-            idle_timeout_s=parse_duration(sc.get("idleTimeout", "5m")),
+            min_replicas=int(sc["minReplicas"]),
+            max_replicas=int(sc["maxReplicas"]),
+            idle_timeout_s=parse_duration(sc["idleTimeout"]),
             autoscaling=Autoscaling(
-                enabled=bool(au.get("enabled", False)),
-                target_concurrency=_opt_float(au.get("targetConcurrency")),
-                target_cpu_utilization=_opt_float(au.get("targetCpuUtilization")),
-                target_memory_utilization=_opt_float(au.get("targetMemoryUtilization")),
-                target_gpu_utilization=_opt_float(au.get("targetGpuUtilization")),
-                stable_window_s=parse_duration(au.get("stableWindow", "60s")),
-                panic_window_s=parse_duration(au.get("panicWindow", "6s")),
-                panic_threshold=float(au.get("panicThreshold", 2.0)),
-                scale_down_delay_s=parse_duration(au.get("scaleDownDelay", "30s")),
+                enabled=bool(au["enabled"]),
+                target_concurrency=_opt_float(au["targetConcurrency"]),
+                target_cpu_utilization=_opt_float(au["targetCpuUtilization"]),
+                target_memory_utilization=_opt_float(au["targetMemoryUtilization"]),
+                target_gpu_utilization=_opt_float(au["targetGpuUtilization"]),
+                stable_window_s=parse_duration(au["stableWindow"]),
+                panic_window_s=parse_duration(au["panicWindow"]),
+                panic_threshold=float(au["panicThreshold"]),
+                scale_down_delay_s=parse_duration(au["scaleDownDelay"]),
             ),
         ),
         load_balancer=LoadBalancer(
-            algorithm=lb.get("algorithm", "round-robin"),
-            sticky_sessions=bool(lb.get("stickySessions", False)),
+            algorithm=lb["algorithm"],
+            sticky_sessions=bool(lb["stickySessions"]),
             health_check=None if hc is None else HealthCheck(
                 path=hc["path"],
-                interval_s=float(hc.get("intervalSeconds", 30)),
-                timeout_s=float(hc.get("timeoutSeconds", 5)),
-                failure_threshold=int(hc.get("failureThreshold", 3)),
+                interval_s=float(hc["intervalSeconds"]),
+                timeout_s=float(hc["timeoutSeconds"]),
+                failure_threshold=int(hc["failureThreshold"]),
             ),
         ),
         rollout=Rollout(
-            strategy=ro.get("strategy", "rolling"),
+            strategy=ro["strategy"],
             # Counts are kept as text ("1") beside percentages ("25%"): one type for policy code.
-            max_surge=str(ro.get("maxSurge", "25%")),
-            max_unavailable=str(ro.get("maxUnavailable", "25%")),
-            canary_steps=tuple(int(s) for s in ro.get("steps", (10, 50, 100))),
-            step_pause_s=parse_duration(ro.get("stepPause", "30s")),
-            keep_old_s=parse_duration(ro.get("keepOldFor", "5m")),
-            min_requests=int(ro.get("analysis", {}).get("minRequests", 20)),
-            max_error_rate_increase=float(ro.get("analysis", {}).get("maxErrorRateIncrease", 5)) / 100.0,
-            max_p99_ratio=float(ro.get("analysis", {}).get("maxP99Ratio", 1.5)),
-            p99_tolerance_ms=float(ro.get("analysis", {}).get("p99ToleranceMs", 50)),
+            max_surge=str(ro["maxSurge"]),
+            max_unavailable=str(ro["maxUnavailable"]),
+            canary_steps=tuple(int(s) for s in ro["steps"]),
+            step_pause_s=parse_duration(ro["stepPause"]),
+            keep_old_s=parse_duration(ro["keepOldFor"]),
+            min_requests=int(analysis["minRequests"]),
+            max_error_rate_increase=float(analysis["maxErrorRateIncrease"]) / 100.0,
+            max_p99_ratio=float(analysis["maxP99Ratio"]),
+            p99_tolerance_ms=float(analysis["p99ToleranceMs"]),
         ),
-        state=spec.get("state", "running"),
-        node_selector=dict(spec.get("placement", {}).get("nodeSelector", {})),
-        alerts=tuple(AlertRule(metric=a["metric"], above=float(a["above"]), for_s=parse_duration(a.get("for", "1m")),
+        state=spec["state"],
+        node_selector=dict(spec["placement"]["nodeSelector"]),
+        alerts=tuple(AlertRule(metric=a["metric"], above=float(a["above"]), for_s=parse_duration(a["for"]),
                                webhook=(a.get("notify") or {}).get("webhook"), line=doc.line_of(("spec", "alerts", i)))
-                     for i, a in enumerate(spec.get("alerts", []))),
-        start_timeout_s=parse_duration(sc.get("startTimeout", "300s")),
-        request_timeout_s=parse_duration(spec.get("requestTimeout", "300s")),
-        protocol=spec.get("protocol", "http"),
-        tunnel_timeout_s=parse_duration(spec.get("tunnelTimeout", "1h")),
-        tunnel_idle_timeout_s=parse_duration(spec.get("tunnelIdleTimeout", "5m")),
+                     for i, a in enumerate(spec["alerts"])),
+        start_timeout_s=parse_duration(sc["startTimeout"]),
+        request_timeout_s=parse_duration(spec["requestTimeout"]),
+        protocol=spec["protocol"],
+        tunnel_timeout_s=parse_duration(spec["tunnelTimeout"]),
+        tunnel_idle_timeout_s=parse_duration(spec["tunnelIdleTimeout"]),
         source_file=filename,
         source_line=doc.line,
         raw=data,

@@ -513,3 +513,33 @@ def test_examples_say_what_the_seed_guides_say():
 def test_loaded_deployments_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         load_one(BASE).port = 1  # type: ignore[misc]
+
+
+def test_the_schema_defaults_are_the_only_defaults_spec_dataclasses_agree():
+    """A document that writes only what is required loads to the same Deployment as the
+    dataclasses' own defaults: the schema's `default` values are the one source, and the
+    Python defaults (for code that builds specs directly) cannot drift from them."""
+    text = ("apiVersion: autodeploy/v1\nkind: Deployment\nmetadata: {name: bare}\n"
+            "spec:\n  model: {id: m, version: v1}\n  command: serve\n  port: 8080\n"
+            "  loadBalancer: {healthCheck: {path: /h}}\n  alerts: [{metric: errorRate, above: 5}]\n")
+    result = load_text(text, "bare.yaml")
+    assert not result.errors, result.errors
+    loaded = result.deployments[0]
+    from controller.spec import AlertRule
+    bare = Deployment(name="bare", model_id="m", model_version="v1", command="serve", port=8080,
+                      load_balancer=LoadBalancer(health_check=HealthCheck(path="/h")),
+                      alerts=(AlertRule(metric="errorRate", above=5.0, line=loaded.alerts[0].line),),
+                      source_file="bare.yaml", source_line=loaded.source_line)
+    assert loaded == bare
+
+
+def test_with_defaults_fills_unwritten_keys_and_leaves_the_document_alone():
+    from controller.loader import schema_default, with_defaults
+    doc = {"spec": {"scaling": {"maxReplicas": 4}, "alerts": [{"metric": "errorRate", "above": 1}]}}
+    full = with_defaults(doc)
+    assert full["spec"]["scaling"]["maxReplicas"] == 4 and full["spec"]["scaling"]["minReplicas"] == 0
+    assert full["spec"]["scaling"]["autoscaling"]["stableWindow"] == "60s"
+    assert full["spec"]["alerts"][0]["for"] == "1m"
+    assert "healthCheck" not in full["spec"]["loadBalancer"]  # optional, no default: stays absent
+    assert doc == {"spec": {"scaling": {"maxReplicas": 4}, "alerts": [{"metric": "errorRate", "above": 1}]}}
+    assert schema_default(("spec", "alerts", 3, "for")) == "1m"
