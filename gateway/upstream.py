@@ -166,7 +166,7 @@ class UpstreamPool:
         if resp.status != 101:
             conn.rfile.close()
             conn.rfile = conn.sock.makefile("rb", buffering=CHUNK)  # the head was read exactly
-            resp._keep = False
+            resp.no_reuse()
         return resp
 
     def _fresh(self, key: tuple[str, int], buffered: bool = True) -> _Conn:
@@ -248,6 +248,10 @@ class UpstreamResponse:
         self._keep = not close and (self.no_body or self.chunked or self.length is not None)
         self._pool, self._key, self._conn = pool, key, conn
         return self
+
+    def no_reuse(self) -> None:
+        """Its connection is not handed back to the pool when the body is done."""
+        self._keep = False
 
     def stream(self) -> Iterator[bytes]:
         """The body as it arrives (each chunk of a chunked body as soon as it is complete)."""
