@@ -167,9 +167,12 @@ class Store:
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One transaction: committed when the block ends, rolled back when it raises."""
+        """One transaction: committed when the block ends, rolled back when it raises. It takes
+        the write lock up front (IMMEDIATE): a read-then-write transaction that upgrades
+        later fails at once with "database is locked" when another connection (the token
+        store) wrote meanwhile, while waiting for the lock here honours busy_timeout."""
         with self._lock:
-            self._db.execute("BEGIN")
+            self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
             except BaseException:

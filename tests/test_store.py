@@ -93,3 +93,16 @@ def test_rows_are_read_by_column_name_whatever_the_column_order(tmp_path):
         (5.0, "hello", "abcdefgh", "start", "first")
     [row] = make(tmp_path).revisions("hello")
     assert (row.number, row.revision, row.applied_at, row.content) == (1, "r1", 6.0, {"a": 1})
+
+
+def test_a_revision_is_recorded_while_another_connection_writes(tmp_path):
+    """record_revision reads, then writes: its transaction takes the write lock first, so a
+    writer on another connection (the token store) makes it wait, not fail."""
+    import threading
+    store = make(tmp_path)
+    other = sqlite3.connect(tmp_path / "state" / "autodeploy.db", isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO events (at, deployment, instance, kind, message) VALUES (1, 'x', NULL, 'k', 'm')")
+    threading.Timer(0.3, lambda: other.execute("COMMIT")).start()
+    assert store.record_revision("hello", "r1", "hello.yaml", {"a": 1}) == 1
+    assert store.record_revision("hello", "r2", "hello.yaml", {"a": 2}) == 2
