@@ -70,7 +70,9 @@ class Prices:
                 f"{gpu_type or '(any)'!r}; add it under `gpu:` or set `defaultGpu:`")
         return self.default_gpu
 
-    def per_hour(self, gpu: GpuSpec) -> float:
+    def per_hour(self, gpu: GpuSpec, node: str | None = None) -> float:
+        """`node` is accepted so one price table can stand where per-node prices
+        (controller.nodes.NodePrices) are expected; these prices are the same on every node."""
         if gpu.count <= 0:
             return self.cpu
         return self.cpu + gpu.count * self.gpu_price(gpu.type)
