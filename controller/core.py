@@ -16,14 +16,14 @@ from controller import errors
 from controller.alerting import Alerting
 from controller.autoscaler import Autoscaler
 from controller.coldstart import ColdStarts
-from controller.drivers.base import Driver
+from controller.drivers.base import Driver, Instance
 from controller.errors import AutoDeployError
 from controller.fleet import DRAINING, READY, STARTING, STOPPING, DepRuntime, Fleet, Probes, Rec
 from controller.loader import LoadResult, SpecError
 from controller.node_watch import NodeWatch, place_instance
 from controller.operations import Operations, spec_from_revision
 from controller.policy.autoscale import idle_instances
-from controller.policy.capacity import Capacity, decide_acquire
+from controller.policy.capacity import Capacity, decide_acquire, hold_through_failure
 from controller.policy.edits import rename_message
 from controller.policy.status import status_word
 from controller.rollouts import RolloutDriver
@@ -170,19 +170,24 @@ class Controller:
                 fleet.revive(rec, "request arrived while it was being released")
             elif decision.action == "use":
                 rec = rt.instances[decision.instance or ""]
-            else:  # wait: for a named starting instance, or for any change
+            else:  # wait: for a named starting instance, for any change, or until a backoff ends
                 rec = rt.instances[decision.instance] if decision.instance else None
-            target = self._wait_for(rec, deadline, rt)
+            target = self._wait_for(rec, deadline, rt, decision.until)
             if target is not None:
                 return target
 
-    def _wait_for(self, rec: Rec | None, deadline: float, rt: DepRuntime) -> dict | None:
-        """Wait until `rec` is ready (its address), failed (raise), or gone (None: decide again)."""
+    def _wait_for(self, rec: Rec | None, deadline: float, rt: DepRuntime,
+                  until: float | None = None) -> dict | None:
+        """Wait until `rec` is ready (its address), failed (raise), or gone (None: decide again);
+        with `until` (the clock's time), decide again then even if nothing changed."""
         while True:
             if rec is not None:
                 if rec.phase == READY and rec.inst is not None:
                     return _address(rec)
                 if rec.error is not None and rec.phase not in (STARTING, READY):
+                    if rec.error.error is errors.INSTANCE_START_FAILED and \
+                            hold_through_failure(rt.failures, rt.crashed):
+                        return None  # not yet a crash loop: held for the next start, as at a cold start
                     raise rec.error  # failed to start
                 if rec.phase not in (STARTING, READY):
                     return None
@@ -192,8 +197,11 @@ class Controller:
                                       retry_after=5.0)
             if self.fleet.closing:
                 raise AutoDeployError(errors.SHUTTING_DOWN)
+            if until is not None and self.clock() >= until:
+                return None
             version = self.fleet.version
-            self.fleet.wait(min(remaining, 1.0))
+            step = min(remaining, 1.0) if until is None else max(0.001, min(remaining, 1.0, until - self.clock()))
+            self.fleet.wait(step)
             if rec is None and self.fleet.version != version:
                 return None
 
@@ -381,12 +389,60 @@ class Controller:
             fleet.event("controller", "discover-failed", f"driver.discover raised ({errors.DRIVER_FAILED.code}) "
                         f"{type(exc).__name__}: {exc}; unknown instances are not reported")
             found = []
+        owner = getattr(self.driver, "owner", None)
         for inst in found:
-            if inst.id not in known:
-                fleet.event(inst.deployment, "unknown", f"{self.driver.name} instance {inst.container_id or inst.id}"
-                            " carries our labels but is not in the store: left running, not adopted", inst.id)
+            if inst.id in known:
+                continue
+            if owner is not None and inst.owner == owner:
+                self._recover(inst)  # ours, forgotten by a lost or corrupt store
+                continue
+            fleet.event(inst.deployment, "unknown", f"{self.driver.name} instance {inst.container_id or inst.id}"
+                        " carries our labels but is not in the store and another serve started it: left running,"
+                        " not adopted", inst.id)
         with fleet:
             fleet.bump()
+
+    def _recover(self, inst: Instance) -> None:
+        """An instance this serve's state dir started that the store does not know (the database
+        was lost or corrupt): adopted when it is wanted and fits, else stopped; never orphaned."""
+        fleet = self.fleet
+        how = "its process environment" if self.driver.name == "local" else "its container labels"
+        rt = self.deps.get(inst.deployment)
+        why = None
+        if rt is None or rt.removed:
+            why = "its deployment is not in the files any more"
+        elif rt.spec.state != "running":
+            why = "its deployment is stopped"
+        elif inst.revision != rt.spec.revision:
+            why = f"it runs revision {inst.revision}, not {rt.spec.revision}"
+        elif len(rt.alive()) >= rt.spec.scaling.max_replicas:
+            why = f"maxReplicas {rt.spec.scaling.max_replicas} are already running"
+        try:
+            owned = self.driver.adopt(inst)
+        except Exception as exc:  # noqa: BLE001 - one bad instance must not stop the others' recovery
+            log.warning("driver.adopt of %s raised", inst.id, exc_info=True)
+            owned, why = False, why or f"driver.adopt raised ({errors.DRIVER_FAILED.code}) {type(exc).__name__}: {exc}"
+        if not owned:
+            fleet.event(inst.deployment or "controller", "lost", f"found by {how}, not in the store, but "
+                        f"{why or 'it is gone'}: nothing to adopt", inst.id)
+            return
+        if why is None and rt is not None and not self.probes.ready(
+                inst, rt.spec.load_balancer.health_check, self.driver.tcp_accept_means_ready, rt.spec.protocol):
+            why = "it is not ready"
+        if why is None and rt is not None:
+            self.store.put_instance(inst, self.driver.name, READY.value, fleet.price(rt.spec))
+            with fleet:
+                fleet.adopt(rt, inst, rt.revision_number, f"found by {how}, not in the store (the database was "
+                            f"lost or corrupt): adopted, pid {inst.pid} port {inst.port}", node=inst.node)
+            return
+        try:
+            self.driver.stop(inst, self.stop_timeout)
+            done = "stopped"
+        except Exception as exc:  # noqa: BLE001 - reported with the reason; the others go on
+            log.warning("driver.stop of %s raised", inst.id, exc_info=True)
+            done = f"stop failed ({errors.DRIVER_FAILED.code}) {type(exc).__name__}: {exc}"
+        fleet.event(inst.deployment or "controller", "stopped", f"found by {how}, not in the store: {done} "
+                    f"({why})", inst.id)
 
     def _stored_spec(self, name: str, revision: str) -> tuple[Deployment, int] | None:
         """The applied spec with this content hash, rebuilt from the store, and its number."""
@@ -530,7 +586,7 @@ class Controller:
             max_replicas=rt.spec.scaling.max_replicas,
             waiting=rt.waiting - (1 if exclude_self else 0),
             queue_limit=self.queue_limit, backoff_until=rt.backoff_until,
-            running=rt.spec.state == "running")
+            running=rt.spec.state == "running", failures=rt.failures, crashed=rt.crashed)
 
 
 def _address(rec: Rec) -> dict:

@@ -111,6 +111,7 @@ class DepRuntime:
     waiting: int = 0
     failures: int = 0
     backoff_until: float = 0.0
+    crashed: bool = False  # the failures began with a ready instance crashing: requests are held
     last_error: str | None = None
     removed: bool = False
 
@@ -461,6 +462,8 @@ class Fleet:
                 rt.failures += 1
                 rt.backoff_until = now + restart_backoff(rt.failures)
                 rt.last_error = f"instance {rec.id} exited with code {code}; last log lines:\n{tail}"
+            if rt is not None:
+                rt.crashed = True  # requests are held through its restart (policy.capacity)
             self.event(rec.deployment, "crashed", f"exited with code {code}; last log lines:\n{tail}", rec.id)
             self.bump()
         self._clean_up(rec)
@@ -475,7 +478,7 @@ class Fleet:
             self.coldstarts.ready(rec.id, now)
             rt = self.deps.get(rec.deployment)
             if rt is not None:
-                rt.failures, rt.last_error = 0, None
+                rt.failures, rt.last_error, rt.crashed = 0, None, False
             self.store.set_phase(rec.id, READY.value, ready_at=now)
             port = rec.inst.port if rec.inst else None
             self.event(rec.deployment, "ready", f"ready in {now - rec.created:.3f} s on port {port}", rec.id)
