@@ -190,7 +190,7 @@ def test_instance_that_exits_fails_held_requests_and_its_log_tail_stays_in_the_a
 
 
 def test_instance_not_ready_within_start_timeout_fails_with_coded_error(serve):
-    s = serve({"slow.yaml": deployment_yaml("slow", "echo loading forever; sleep 30", start_timeout="1s",
+    s = serve({"slow.yaml": deployment_yaml("slow", "echo loading forever on ${PORT}; sleep 30", start_timeout="1s",
                                              health="/health")})
     r = s.get("/d/slow/")
     assert (r.status_code, r.json()["code"]) == (502, 1003)

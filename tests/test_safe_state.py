@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 
-from conftest import PY, ROOT, deployment_yaml, echo_command, start_serve
+from conftest import ECHO_MODEL, PY, ROOT, deployment_yaml, echo_command, start_serve
 from controller.drivers.local import LocalDriver, free_port
 from controller.loader import load_text
 from controller.store import Store
@@ -161,12 +161,19 @@ def test_local_driver_finds_its_own_processes_by_their_environment(tmp_path):
 
 def test_owns_listener_tells_the_instance_from_another_program(tmp_path):
     driver = LocalDriver(tmp_path / "state", ROOT)
-    inst = driver.start(_dep("hello"), "cccccccc", [])
+    port = free_port()
+    # A command that ignores ${PORT} listens on the fixed spec.port: that is where a stranger can answer.
+    text = deployment_yaml("fixed", f"{PY} {ECHO_MODEL} --port {port}").replace("port: 8080", f"port: {port}")
+    fixed = load_text(text, "fixed.yaml").deployments[0]
+    inst = driver.start(fixed, "cccccccc", [])
+    chosen = driver.start(_dep("hello"), "dddddddd", [])
     try:
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and not driver.owns_listener(inst):
             time.sleep(0.05)
         assert driver.owns_listener(inst) is True
+        # A port the driver just found free for ${PORT} needs no proof (and no socket-table scan).
+        assert driver.owns_listener(chosen) is None
         with socket.socket() as stranger:
             stranger.bind(("127.0.0.1", 0))
             stranger.listen()
@@ -174,6 +181,7 @@ def test_owns_listener_tells_the_instance_from_another_program(tmp_path):
             assert driver.owns_listener(inst) is False
     finally:
         driver.stop(inst, timeout=5)
+        driver.stop(chosen, timeout=5)
 
 
 def test_the_store_integrity_check_keeps_a_healthy_database(tmp_path):

@@ -57,6 +57,9 @@ class LocalDriver:
         self.secrets: Callable[[Deployment], dict[str, str]] = SecretSource().resolve
         self._procs: dict[str, subprocess.Popen | psutil.Process] = {}
         self._ps_cache: dict[int, psutil.Process] = {}  # for stats(): psutil keeps CPU baselines per object
+        # Instances listening on the fixed spec.port (their command ignores ${PORT}): only
+        # there can a port answer from someone else, so only there is ownership proven.
+        self._fixed_port: set[str] = set()
 
     def start(self, dep: Deployment, instance_id: str, gpu_ids: list[str]) -> Instance:
         uses_port = bool(_PORT_REF.search(dep.command))
@@ -78,6 +81,8 @@ class LocalDriver:
                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True, umask=-1 if self.umask is None else self.umask)
         self._procs[instance_id] = proc
+        if not uses_port:
+            self._fixed_port.add(instance_id)
         return Instance(id=instance_id, deployment=dep.name, revision=dep.revision, host="127.0.0.1",
                         port=port, started_at=time.time(), pid=proc.pid,
                         pid_create_time=_create_time(proc.pid), gpu_ids=list(gpu_ids),
@@ -97,6 +102,7 @@ class LocalDriver:
 
     def stop(self, inst: Instance, timeout: float) -> None:
         proc = self._procs.pop(inst.id, None)
+        self._fixed_port.discard(inst.id)
         if proc is None or inst.pid is None:
             return
         _signal_group(inst.pid, signal.SIGTERM)
@@ -157,8 +163,11 @@ class LocalDriver:
 
         Readiness must prove the answer came from the instance: a command that ignores
         ${PORT} on the gateway's own port would otherwise be "ready" because the gateway
-        answered itself. None when it cannot be told (no pid, or /proc hides sockets)."""
-        if inst.pid is None:
+        answered itself. None when it cannot be told (no pid, or /proc hides sockets), and
+        when the driver gave the instance a port it had just found free (${PORT}): no one
+        else listens there, and the scan of every socket table (tens of ms on a busy host)
+        stays off the cold-start path."""
+        if inst.pid is None or inst.id not in self._fixed_port:
             return None
         try:
             root = psutil.Process(inst.pid)
