@@ -391,7 +391,11 @@ class Controller:
             found = []
         owner = getattr(self.driver, "owner", None)
         for inst in found:
-            if inst.id in known:
+            with fleet:
+                # The store lags the fleet: an instance started since `known` was read (a resumed
+                # rollout's first new one) has its record here before its process exists.
+                recorded = fleet.find(inst.id) is not None
+            if inst.id in known or recorded:
                 continue
             if owner is not None and inst.owner == owner:
                 self._recover(inst)  # ours, forgotten by a lost or corrupt store

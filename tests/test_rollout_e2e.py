@@ -269,7 +269,7 @@ def test_rollout_cut_by_a_controller_crash_resumes_on_restart_with_old_instances
     first = s2.get("/d/resume/whoami")
     assert first.status_code == 200 and first.headers["Deploy-Revision"] == "1"
     done = wait_rollout(s2, "resume", ("succeeded", "rolled_back"), 2)
-    assert done["phase"] == "succeeded", done
+    assert done["phase"] == "succeeded", [(e["kind"], e["message"][:200]) for e in s2.status("resume")["events"]]
     assert any("resumed after a controller restart" in e for e in events(s2, "resume"))
     s2.wait_for(lambda: all(i["revision_number"] == 2 for i in s2.instances("resume")), what="old set replaced")
     assert s2.get("/d/resume/whoami").headers["Deploy-Revision"] == "2"
