@@ -117,10 +117,11 @@ class Served:
     def routing_settled(self, name: str, ids: set[str]) -> bool:
         """The data plane routes `name` to exactly `ids`. Python mode: at once (the gateway
         asks the controller); haproxy mode: once HAProxy's backend has those servers."""
-        sock = self.state_dir / "haproxy" / "haproxy.sock"
-        if not sock.exists():
-            return True
+        from gateway.haproxy_plane import runtime_dir
         from gateway.haproxy_runtime import RuntimeApi
+        sock = runtime_dir(self.state_dir) / "haproxy.sock"  # a short path when the state dir is deep
+        if not sock.exists():
+            return "haproxy" not in self.args  # python mode routes at once; HAProxy not up yet: wait
         servers = {st.name for st in RuntimeApi(str(sock)).show_stat()
                    if st.backend == f"be_{name}" and st.admin_state == "READY" and st.status.startswith("UP")}
         return servers == ids

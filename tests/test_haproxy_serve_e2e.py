@@ -8,13 +8,14 @@ import signal
 import psutil
 
 from conftest import deployment_yaml
+from gateway.haproxy_plane import runtime_dir
 from gateway.haproxy_runtime import RuntimeApi
 
 TARGET = "Deploy-Route-Target"
 
 
 def _api(s) -> RuntimeApi:
-    return RuntimeApi(str(s.state_dir / "haproxy" / "haproxy.sock"))
+    return RuntimeApi(str(runtime_dir(s.state_dir) / "haproxy.sock"))  # short path when the state dir is deep
 
 
 def _master(s) -> int:
