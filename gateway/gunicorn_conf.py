@@ -29,6 +29,31 @@ def _json_write_error(sock: Any, status_int: int, reason: str, mesg: str) -> Non
     head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1", "replace")
     util.write_nonblock(sock, head + body)
+    _linger(sock)
+
+
+def _linger(sock: Any, budget_s: float = 1.0, budget_bytes: int = 256 * 1024) -> None:
+    """Lingering close (as Apache and nginx do): an answer written before the whole request
+    was read (a 414 for a 9 KB request line) would otherwise be lost to the RST that closing a
+    socket with unread input sends. Stop writing, then read what the client still sends, for
+    at most `budget_s` and `budget_bytes`."""
+    import socket
+    import time
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + budget_s
+        drained = 0
+        while drained < budget_bytes:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            sock.settimeout(left)
+            chunk = sock.recv(16384)
+            if not chunk:
+                return
+            drained += len(chunk)
+    except OSError:
+        return
 
 
 def _install_json_errors() -> None:
