@@ -100,7 +100,9 @@ class Served:
         return requests.post(self.url + path, timeout=kw.pop("timeout", 30), **self._auth(path, kw, "POST"))
 
     def status(self, name: str | None = None) -> dict:
-        return self.get("/api/deployments" + (f"/{name}" if name else "")).json()
+        resp = self.get("/api/deployments" + (f"/{name}" if name else ""))
+        assert resp.status_code == 200, f"status of {name or 'all'}: HTTP {resp.status_code} {resp.text[:500]}"
+        return resp.json()
 
     def instances(self, name: str) -> list[dict]:
         return self.status(name)["instances"]
