@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from controller import errors
+from controller.contracts import Action, Auth, AuthReply, Document, Keys, Reply, Source, TokenOwner, Tokens
 from controller.errors import AutoDeployError
 
 ROLES = ("viewer", "operator", "admin")
@@ -294,14 +295,14 @@ class AuthService:
         self.controller = controller
         self.state_dir = state_dir
 
-    def handlers(self) -> dict[str, Callable[[dict, Callable[[dict], dict]], dict]]:
+    def handlers(self) -> dict[str, Callable[[Any, Callable[[Any], Reply]], Reply]]:
         return {"auth": self.auth, "tokens": self.tokens, "keys": self.keys, "action": self.audit_op,
                 "source": self.audit_op}
 
     def _audit(self, deployment: str, actor: str, what: str, outcome: str) -> None:
         self.controller.store.event(deployment, "audit", f"{what} by {actor}: {outcome}")
 
-    def _audited(self, deployment: str, actor: str, what: str, fn: Callable[[], dict]) -> dict:
+    def _audited(self, deployment: str, actor: str, what: str, fn: Callable[[], Reply]) -> Reply:
         try:
             result = fn()
         except AutoDeployError as exc:
@@ -310,36 +311,34 @@ class AuthService:
         self._audit(deployment, actor, what, "done")
         return result
 
-    def auth(self, req: dict, _builtin: Any = None) -> dict:
-        p = self.store.authenticate(str(req["hash"]))
-        return {"principal": None if p is None else {"name": p.name, "role": p.role}}
+    def auth(self, req: Auth, _builtin: Any = None) -> AuthReply:
+        p = self.store.authenticate(req.hash)
+        return AuthReply(None if p is None else TokenOwner(p.name, p.role))
 
-    def audit_op(self, req: dict, builtin: Callable[[dict], dict]) -> dict:
+    def audit_op(self, req: Action | Source, builtin: Callable[[Any], Reply]) -> Reply:
         """A deployment action or a git sync, audited when it changes something and the
         gateway says who asked (`actor`)."""
-        actor = req.get("actor")
-        if req["op"] == "action":
-            args = req.get("args", {})
-            if actor is None or args.get("read_only"):
+        actor = req.actor
+        if isinstance(req, Action):
+            if actor is None or req.args.get("read_only"):
                 return builtin(req)
-            shown = ", ".join(f"{k}={v!r}" for k, v in sorted(args.items()))
-            return self._audited(str(req["name"]), actor, f"{req['action']}({shown})", lambda: builtin(req))
-        if actor is None or not req.get("sync"):
+            shown = ", ".join(f"{k}={v!r}" for k, v in sorted(req.args.items()))
+            return self._audited(req.name, actor, f"{req.action}({shown})", lambda: builtin(req))
+        if actor is None or not req.sync:
             return builtin(req)
         return self._audited("git", actor, "git sync", lambda: builtin(req))
 
-    def tokens(self, req: dict, _builtin: Any = None) -> dict:
-        do, actor = req.get("do"), req.get("actor", "unknown")
+    def tokens(self, req: Tokens, _builtin: Any = None) -> Document:
+        do, actor = req.do, req.actor or "unknown"
         if do == "list":
-            return {"tokens": self.store.tokens()}
+            return Document({"tokens": self.store.tokens()})
         if do == "create":
-            return self._audited(self.AUDIT_DEPLOYMENT, actor, f"create token {req.get('name')!r} "
-                                 f"role {req.get('role')!r}",
-                                 lambda: {"name": req["name"], "role": req["role"],
-                                          "token": self.store.create_token(req.get("name"), req.get("role"))})
+            return self._audited(self.AUDIT_DEPLOYMENT, actor, f"create token {req.name!r} role {req.role!r}",
+                                 lambda: Document({"name": req.name, "role": req.role,
+                                                   "token": self.store.create_token(req.name, req.role)}))
         if do == "revoke":
-            return self._audited(self.AUDIT_DEPLOYMENT, actor, f"revoke token {req.get('name')!r}",
-                                 lambda: self._revoke_token(req.get("name")))
+            return self._audited(self.AUDIT_DEPLOYMENT, actor, f"revoke token {req.name!r}",
+                                 lambda: Document(self._revoke_token(req.name)))
         raise AutoDeployError(errors.BAD_REQUEST, f"unknown token operation {do!r}")
 
     def _revoke_token(self, name: Any) -> dict:
@@ -355,28 +354,28 @@ class AuthService:
     def _name_of(self, token_hash: str) -> str | None:
         return self.store.token_name(token_hash)
 
-    def keys(self, req: dict, _builtin: Any = None) -> dict:
-        do, actor = req.get("do"), req.get("actor", "unknown")
-        dep = req.get("deployment")
+    def keys(self, req: Keys, _builtin: Any = None) -> Document:
+        do, actor = req.do, req.actor or "unknown"
+        dep = req.deployment
         if do == "list":
-            return {"keys": self.store.keys(dep if isinstance(dep, str) and dep else None)}
+            return Document({"keys": self.store.keys(dep if isinstance(dep, str) and dep else None)})
         if do == "create":
-            scale_out = req.get("scale_out", False)
+            scale_out = req.scale_out
             if not isinstance(scale_out, bool):
                 raise AutoDeployError(errors.BAD_REQUEST, f"scale_out must be true or false, got {scale_out!r}")
 
-            name = req.get("name") or f"key-{secrets.token_hex(3)}"
+            name = req.name or f"key-{secrets.token_hex(3)}"
 
-            def create() -> dict:
+            def create() -> Document:
                 self.controller.status(dep)  # 1001 for a deployment that does not exist
-                return {"deployment": dep, "name": name, "scale_out": scale_out,
-                        "key": self.store.create_key(dep, name, scale_out)}
+                return Document({"deployment": dep, "name": name, "scale_out": scale_out,
+                                 "key": self.store.create_key(dep, name, scale_out)})
             return self._audited(str(dep), actor, f"create endpoint key {name!r}"
                                  + (" with scale-out" if scale_out else ""), create)
         if do == "revoke":
-            return self._audited(str(dep), actor, f"revoke endpoint key {req.get('name')!r}",
-                                 lambda: (self.store.revoke_key(dep, req.get("name")),
-                                          {"message": f"key {req.get('name')} of {dep} revoked"})[1])
+            return self._audited(str(dep), actor, f"revoke endpoint key {req.name!r}",
+                                 lambda: (self.store.revoke_key(dep, req.name),
+                                          Document({"message": f"key {req.name} of {dep} revoked"}))[1])
         raise AutoDeployError(errors.BAD_REQUEST, f"unknown key operation {do!r}")
 
 

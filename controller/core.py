@@ -16,6 +16,7 @@ from controller import errors
 from controller.alerting import Alerting
 from controller.autoscaler import Autoscaler
 from controller.coldstart import ColdStarts
+from controller.contracts import Address, HealthProbe, RouteEntry, Snapshot, SyncReply
 from controller.drivers.base import Driver, Instance
 from controller.errors import AutoDeployError
 from controller.fleet import DRAINING, READY, STARTING, STOPPING, DepRuntime, Fleet, Probes, Rec
@@ -69,7 +70,7 @@ class Controller:
         self.probes = self.fleet.probes
         self.spec_errors: list[SpecError] = []
         self.workers: dict[int, WorkerView] = {}
-        self._snapshot: dict | None = None
+        self._snapshot: Snapshot | None = None
         self.rollouts = RolloutDriver(self.fleet, store)
         self.operations = Operations(self.fleet, store, self.rollouts, clock=clock, inflight=self.inflight)
         self.rollouts.on_rolled_back = self.operations.rolled_back
@@ -137,7 +138,7 @@ class Controller:
         self.rollouts.changed(rt, old, old_number, now)  # in place, rolling restart, or rollout
 
     # ------------------------------------------------------------------ gateway side
-    def acquire(self, name: str, rule: str | None, timeout: float) -> dict:
+    def acquire(self, name: str, rule: str | None, timeout: float) -> Address:
         """Block until an instance fits the request; returns its address or raises a coded error."""
         deadline = time.monotonic() + timeout
         arrived = self.clock()
@@ -149,7 +150,7 @@ class Controller:
             finally:
                 rt.waiting -= 1
 
-    def _acquire_locked(self, rt: DepRuntime, rule: str | None, deadline: float, arrived: float) -> dict:
+    def _acquire_locked(self, rt: DepRuntime, rule: str | None, deadline: float, arrived: float) -> Address:
         fleet = self.fleet
         while True:
             if fleet.closing:
@@ -177,7 +178,7 @@ class Controller:
                 return target
 
     def _wait_for(self, rec: Rec | None, deadline: float, rt: DepRuntime,
-                  until: float | None = None) -> dict | None:
+                  until: float | None = None) -> Address | None:
         """Wait until `rec` is ready (its address), failed (raise), or gone (None: decide again);
         with `until` (the clock's time), decide again then even if nothing changed."""
         while True:
@@ -206,7 +207,7 @@ class Controller:
                 return None
 
     def sync(self, worker: int, version: int, inflight: dict[str, int],
-             activity: dict[str, list[float]], wait: float, metrics: dict[str, dict] | None = None) -> dict:
+             activity: dict[str, list[float]], wait: float, metrics: dict[str, dict] | None = None) -> SyncReply:
         """A gateway worker's report; answers with the routing snapshot when it changed."""
         fleet = self.fleet
         with fleet:
@@ -226,8 +227,8 @@ class Controller:
             if version == fleet.version and wait > 0:
                 fleet.wait(wait)
             if version == fleet.version:
-                return {"version": fleet.version}
-            return {"version": fleet.version, "snapshot": self.snapshot()}
+                return SyncReply(fleet.version)
+            return SyncReply(fleet.version, self.snapshot())
 
     def report_unreachable(self, instance_id: str) -> None:
         """A worker could not connect to an instance: check it now rather than at the next tick."""
@@ -236,27 +237,26 @@ class Controller:
         if rec is not None and rec.phase == READY:
             self.fleet.check(rec)
 
-    def snapshot(self) -> dict:
-        """What workers route by: ready instances per deployment (caller holds the lock)."""
+    def snapshot(self) -> Snapshot:
+        """What workers route by: ready instances per deployment (caller holds the lock).
+        Built once per version; its wire form too (`Snapshot.to_json`)."""
         version = self.fleet.version
-        if self._snapshot is None or self._snapshot["version"] != version:
+        if self._snapshot is None or self._snapshot.version != version:
             deps = {}
             for name, rt in self.deps.items():
                 if rt.removed:
                     continue
-                deps[name] = {
-                    "state": rt.spec.state, "algorithm": rt.spec.load_balancer.algorithm,
-                    "sticky": rt.spec.load_balancer.sticky_sessions, "rr_slot": rt.rr_slot,
-                    "access": rt.spec.access,
-                    "keys": self.keys_for(name) if rt.spec.access == "private" else {},
-                    "revision": rt.revision_number, "split": self.rollouts.split(name),
-                    "request_timeout": rt.spec.request_timeout_s,
-                    "ready": [_address(r) for r in rt.by_phase(READY) if r.inst is not None and not r.unhealthy],
-                    **_proxy_fields(rt.spec),
-                    "protocol": rt.spec.protocol, "tunnel_timeout": rt.spec.tunnel_timeout_s,
-                    "tunnel_idle_timeout": rt.spec.tunnel_idle_timeout_s,
-                }
-            self._snapshot = {"version": version, "deployments": deps}
+                spec = rt.spec
+                deps[name] = RouteEntry(
+                    state=spec.state, algorithm=spec.load_balancer.algorithm,
+                    sticky=spec.load_balancer.sticky_sessions, rr_slot=rt.rr_slot, access=spec.access,
+                    keys=self.keys_for(name) if spec.access == "private" else {},
+                    revision=rt.revision_number, split=self.rollouts.split(name),
+                    request_timeout=spec.request_timeout_s,
+                    ready=tuple(_address(r) for r in rt.by_phase(READY) if r.inst is not None and not r.unhealthy),
+                    health=_health(spec), protocol=spec.protocol, tunnel_timeout=spec.tunnel_timeout_s,
+                    tunnel_idle_timeout=spec.tunnel_idle_timeout_s)
+            self._snapshot = Snapshot(version, deps)
         return self._snapshot
 
     # ------------------------------------------------------------------ reconcile
@@ -593,18 +593,16 @@ class Controller:
             running=rt.spec.state == "running", failures=rt.failures, crashed=rt.crashed)
 
 
-def _address(rec: Rec) -> dict:
+def _address(rec: Rec) -> Address:
     assert rec.inst is not None
-    return {"id": rec.id, "host": rec.inst.host, "port": rec.inst.port, "revision": rec.number,
-            "deployment": rec.deployment, "slot": rec.slot}
+    return Address(rec.id, rec.inst.host, rec.inst.port, rec.number, rec.deployment, rec.slot)
 
 
 def _commit_json(commit: Commit | None) -> dict | None:
     return commit.to_json() if commit is not None else None
 
 
-def _proxy_fields(spec: Deployment) -> dict:
-    """What the haproxy data plane renders a backend from (gateway/haproxy_config.backend_of)."""
+def _health(spec: Deployment) -> HealthProbe | None:
+    """What the haproxy data plane renders a backend's check from (gateway/haproxy_config.backend_of)."""
     hc = spec.load_balancer.health_check
-    return {"health": None if hc is None else {"path": hc.path, "interval": hc.interval_s, "timeout": hc.timeout_s,
-                                               "fall": hc.failure_threshold}}
+    return None if hc is None else HealthProbe(hc.path, hc.interval_s, hc.timeout_s, hc.failure_threshold)

@@ -2,22 +2,33 @@
 
 Each worker thread keeps one persistent connection, so a call costs one round trip
 on a local socket (tens of microseconds), and a blocked `acquire` (cold start) holds
-only its own connection.
+only its own connection. What travels is typed: `controller.contracts` holds the
+messages and the one encoder/decoder both sides use. Every call has a read deadline,
+so a wedged controller costs a gateway thread a bounded wait (1011), never a hang.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
 import socketserver
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from controller import errors
+from controller.contracts import (Acquire, AcquireReply, Action, ActionReply, ColdStarts, ColdStartsReply, Done,
+                                  Events, EventsReply, FirstByte, FirstByteReply, Logs, LogsReply, Reply, Request,
+                                  Source, SourceReply, Status, StatusReply, Sync, Unreachable, decode, encode,
+                                  encode_error)
 from controller.errors import AutoDeployError
 
 log = logging.getLogger("autodeploy.ipc")
+
+CALL_TIMEOUT_S = 30.0  # the read deadline of a call that does not wait on purpose (AUTODEPLOY_IPC_TIMEOUT)
+WAIT_MARGIN_S = 5.0  # added to a call's own wait (acquire's timeout, sync's long poll, a git sync)
+
+# handler(request, builtin) -> reply; may wrap the built-in op (controller.auth.AuthService.handlers)
+Handler = Callable[[Any, Callable[[Any], Reply]], Reply]
 
 
 class _Handler(socketserver.StreamRequestHandler):
@@ -32,14 +43,13 @@ class _Handler(socketserver.StreamRequestHandler):
     def _serve_lines(self) -> None:
         for line in self.rfile:
             try:
-                req = json.loads(line)
-                reply = self.server.dispatch(req)
+                reply = encode(self.server.dispatch(decode(line)))
             except AutoDeployError as exc:
-                reply = {"error": exc.to_json(), "retry_after": exc.retry_after}
-            except (ValueError, KeyError, TypeError) as exc:
-                reply = {"error": AutoDeployError(errors.BAD_REQUEST, f"bad IPC message: {exc}").to_json()}
+                reply = encode_error(exc)
+            except (ValueError, KeyError, TypeError) as exc:  # a handler's own slip: still a coded answer
+                reply = encode_error(AutoDeployError(errors.BAD_REQUEST, f"bad IPC message: {exc}"))
             try:
-                self.wfile.write(self.server.redact(json.dumps(reply)).encode() + b"\n")
+                self.wfile.write(self.server.redact(reply.decode()).encode())
                 self.wfile.flush()
             except (BrokenPipeError, ConnectionResetError):
                 return
@@ -50,11 +60,11 @@ class IpcServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     allow_reuse_address = True
     request_queue_size = 1024  # a cold-start burst opens one connection per gateway thread at once
 
-    def __init__(self, path: str, controller: Any, handlers: dict[str, Any] | None = None) -> None:
+    def __init__(self, path: str, controller: Any, handlers: dict[str, Handler] | None = None) -> None:
         if os.path.exists(path):
             os.unlink(path)
         self.controller = controller
-        # Extra ops (controller.auth.AuthService.handlers): handler(req, builtin) may wrap a built-in op.
+        # Extra ops by name (controller.auth.AuthService.handlers): handler(req, builtin) may wrap a built-in op.
         self.handlers = dict(handlers or {})
         # Masks secret values in every reply (status, errors with log lines); set by serve.
         self.redact: Any = lambda text: text
@@ -72,52 +82,56 @@ class IpcServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         if os.path.exists(self.server_address):  # type: ignore[arg-type]
             os.unlink(self.server_address)  # type: ignore[arg-type]
 
-    def dispatch(self, req: dict) -> dict:
-        handler = self.handlers.get(req["op"])
+    def dispatch(self, req: Request) -> Reply:
+        handler = self.handlers.get(req.op)
         if handler is not None:
             return handler(req, self.builtin)
         return self.builtin(req)
 
-    def builtin(self, req: dict) -> dict:
-        op = req["op"]
+    def builtin(self, req: Request) -> Reply:
         c = self.controller
-        if op == "sync":
-            return c.sync(int(req["worker"]), int(req["version"]), req.get("inflight", {}),
-                          req.get("activity", {}), float(req.get("wait", 0)), req.get("metrics"))
-        if op == "acquire":
-            return {"instance": c.acquire(req["deployment"], req.get("rule"), float(req["timeout"]))}
-        if op == "status":
-            return {"status": c.status(req.get("name"))}
-        if op == "unreachable":
-            c.report_unreachable(req["instance"])
-            return {}
-        if op == "first_byte":
-            return {"recorded": c.first_byte(str(req["instance"]), float(req["at"]))}
-        if op == "events":
-            name = req.get("name")
-            return {"events": c.events_after(int(req.get("after", -1)), None if name is None else str(name),
-                                             max(1, min(1000, int(req.get("limit", 200)))))}
-        if op == "logs":
-            return {"logs": c.log_tail(str(req["name"]), str(req["instance"]), max(1, min(2000, int(req.get("lines", 100)))))}
-        if op == "coldstarts":
-            return {"coldstarts": c.coldstarts.histograms()}
-        if op == "action":
-            return {"result": c.action(req["name"], req["action"], req.get("args", {}))}
-        if op == "source":  # where desired state comes from (controller.sources); sync: poll git now
+        if isinstance(req, Sync):
+            return c.sync(req.worker, req.version, req.inflight, req.activity, req.wait, req.metrics)
+        if isinstance(req, Acquire):
+            return AcquireReply(c.acquire(req.deployment, req.rule, req.timeout))
+        if isinstance(req, Status):
+            return StatusReply(c.status(req.name))
+        if isinstance(req, Unreachable):
+            c.report_unreachable(req.instance)
+            return Done()
+        if isinstance(req, FirstByte):
+            return FirstByteReply(c.first_byte(req.instance, req.at))
+        if isinstance(req, Events):
+            return EventsReply(c.events_after(req.after, req.name, max(1, min(1000, req.limit))))
+        if isinstance(req, Logs):
+            return LogsReply(c.log_tail(req.name, req.instance, max(1, min(2000, req.lines))))
+        if isinstance(req, ColdStarts):
+            return ColdStartsReply(c.coldstarts.histograms())
+        if isinstance(req, Action):
+            return ActionReply(c.action(req.name, req.action, req.args))
+        if isinstance(req, Source):  # where desired state comes from (controller.sources); sync: poll git now
             if c.source is None:
                 raise AutoDeployError(errors.GIT_NOT_CONFIGURED, "this controller has no desired-state source")
-            if req.get("sync"):
-                return {"source": c.source.sync(float(req.get("timeout", 60)))}
-            return {"source": c.source.status(events=True)}
-        raise KeyError(f"unknown op {op!r}")
+            if req.sync:
+                return SourceReply(c.source.sync(req.timeout))
+            return SourceReply(c.source.status(events=True))
+        raise AutoDeployError(errors.BAD_REQUEST, f"bad IPC message: this controller does not answer {req.op!r}")
 
 
 class IpcClient:
-    """Thread-safe client: one connection per calling thread, reconnecting once on failure."""
+    """Thread-safe client: one connection per calling thread, reconnecting once on failure.
 
-    def __init__(self, path: str, connect_timeout: float = 2.0) -> None:
+    Every call has a read deadline: its own wait (acquire's timeout, sync's long poll, a
+    git sync's timeout) plus `wait_margin`, else `call_timeout`. Past it the connection is
+    dropped (a late answer must not be read as the next call's) and the call raises 1011."""
+
+    def __init__(self, path: str, connect_timeout: float = 2.0, call_timeout: float | None = None,
+                 wait_margin: float = WAIT_MARGIN_S) -> None:
         self.path = path
         self.connect_timeout = connect_timeout
+        self.wait_margin = wait_margin
+        self.call_timeout = call_timeout if call_timeout is not None else \
+            float(os.environ.get("AUTODEPLOY_IPC_TIMEOUT", CALL_TIMEOUT_S))
         self._local = threading.local()
 
     def _conn(self) -> tuple[socket.socket, Any]:
@@ -126,9 +140,9 @@ class IpcClient:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(self.connect_timeout)
             sock.connect(self.path)
-            sock.settimeout(None)
             conn = (sock, sock.makefile("rb"))
             self._local.conn = conn
+            self._local.timeout = None
         return conn
 
     def _drop(self) -> None:
@@ -138,24 +152,40 @@ class IpcClient:
             conn[1].close()
             conn[0].close()
 
-    def call(self, op: str, **kw: Any) -> dict:
-        payload = json.dumps({"op": op, **kw}).encode() + b"\n"
+    def read_timeout(self, msg: Request) -> float:
+        """How long `msg` may wait for its answer."""
+        if isinstance(msg, Acquire):
+            return msg.timeout + self.wait_margin
+        if isinstance(msg, Sync):
+            return msg.wait + self.call_timeout
+        if isinstance(msg, Source) and msg.sync:
+            return max(self.call_timeout, msg.timeout + self.wait_margin)
+        return self.call_timeout
+
+    def request(self, msg: Request) -> Any:
+        """Send `msg`, return its typed reply (`type(msg).reply`); a coded error raises."""
+        payload = encode(msg)
+        timeout = self.read_timeout(msg)
         for attempt in (1, 2):
             try:
                 sock, rfile = self._conn()
+                if self._local.timeout != timeout:
+                    sock.settimeout(timeout)
+                    self._local.timeout = timeout
                 sock.sendall(payload)
                 line = rfile.readline()
                 if not line:
                     raise ConnectionError("controller closed the connection")
                 break
+            except TimeoutError as exc:  # not retried: the controller has the request and is wedged
+                self._drop()
+                raise AutoDeployError(errors.CONTROLLER_UNAVAILABLE, f"no answer to {msg.op!r} within "
+                                      f"{timeout:g} s") from exc
             except OSError as exc:
                 self._drop()
                 if attempt == 2:
                     raise AutoDeployError(errors.CONTROLLER_UNAVAILABLE, str(exc)) from exc
-        reply = json.loads(line)
-        if "error" in reply:
-            raise AutoDeployError.from_json(reply["error"], reply.get("retry_after"))
-        return reply
+        return decode(line, type(msg).reply)
 
     def close(self) -> None:
         self._drop()

@@ -370,18 +370,18 @@ def haproxy_gateway_config(deployments: Sequence[Deployment], plans: Sequence[Co
     """The HAProxy container's config: `gateway/haproxy_config.render`, as `serve` renders
     it, with each deployment's instances as static servers (the stack changes them with an
     update) and the static gateway container as the activator."""
+    from controller.contracts import HealthProbe, RouteEntry
     from gateway.haproxy_config import Server, Settings, backend_of, render
     addresses = addresses or {}
     backends, servers = [], {}
     for dep in sorted(deployments, key=lambda d: d.name):
         hc = dep.load_balancer.health_check
-        backends.append(backend_of({"algorithm": dep.load_balancer.algorithm,
-                                    "sticky": dep.load_balancer.sticky_sessions,
-                                    "request_timeout": dep.request_timeout_s, "protocol": dep.protocol,
-                                    "tunnel_idle_timeout": dep.tunnel_idle_timeout_s,
-                                    "health": None if hc is None else {
-                                        "path": hc.path, "interval": hc.interval_s, "timeout": hc.timeout_s,
-                                        "fall": hc.failure_threshold}}, dep.name))
+        backends.append(backend_of(RouteEntry(
+            algorithm=dep.load_balancer.algorithm, sticky=dep.load_balancer.sticky_sessions,
+            request_timeout=dep.request_timeout_s, protocol=dep.protocol,
+            tunnel_idle_timeout=dep.tunnel_idle_timeout_s,
+            health=None if hc is None else HealthProbe(hc.path, hc.interval_s, hc.timeout_s, hc.failure_threshold)),
+            dep.name))
         servers[dep.name] = []
         for p in plans:
             if p.deployment != dep.name:

@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
+from controller.contracts import Split
 from controller.errors import AutoDeployError
 from controller.fleet import ALIVE, DRAINING, FAILED, GONE, READY, STARTING, STOPPING, DepRuntime, Fleet, Rec
 from controller.latency import add_hist, percentile
@@ -300,13 +301,12 @@ class RolloutDriver:
         return True
 
     # ------------------------------------------------------------------ gateway facing
-    def split(self, name: str) -> dict | None:
+    def split(self, name: str) -> Split | None:
         """The traffic split for the routing snapshot, or None (all ready instances alike)."""
         run = self.active.get(name)
         if run is None or run.weights is None:
             return None
-        return {"slot": run.slot, "new_revision": run.new_number, "new_weight": run.weights[1],
-                "old_weight": run.weights[0]}
+        return Split(run.slot, run.new_number, float(run.weights[1]), float(run.weights[0]))
 
     def record_metrics(self, metrics: dict[str, dict], now: float) -> None:
         """A gateway worker's per-instance report since its last sync ({"n": requests,

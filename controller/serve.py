@@ -394,7 +394,7 @@ class Server:
         # same multiprocess Prometheus files (gateway/metrics.py), so /metrics keeps its fields.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(self.prometheus_dir)
         from gateway.metrics import GatewayMetrics
-        self.plane = HaproxyDataPlane(binary, self.opts.state_dir, settings, lambda **kw: ipc.call("sync", **kw),
+        self.plane = HaproxyDataPlane(binary, self.opts.state_dir, settings, ipc.request,
                                       metrics=GatewayMetrics())
         self.plane.start()
 

@@ -14,6 +14,7 @@ from werkzeug.routing import PathConverter
 from controller import errors
 from controller.auth import HostPolicy, endpoint_check
 from controller.errors import AutoDeployError
+from controller.contracts import Action, ColdStarts, Events, FirstByte, Keys, Source, Status, Tokens
 from controller.ipc import IpcClient
 from controller.policy.balance import client_ip
 from controller.policy.capacity import RANDOM, ROUND_ROBIN, SCALE_OUT
@@ -224,7 +225,7 @@ class Proxy:
     def _first_byte(self, target: Target) -> None:
         """Cold-start explain: the response to a request that waited on a start has begun."""
         try:
-            self.router.ipc.call("first_byte", instance=target.id, at=time.time())
+            self.router.ipc.request(FirstByte(instance=target.id, at=time.time()))
         except AutoDeployError as exc:  # the static gateway has no starts to explain
             log.debug("first byte of %s not recorded: %s", target.id, exc)
 
@@ -423,8 +424,8 @@ def create_app(ipc_path: str | None = None, counters_path: str | None = None, co
 
     @app.get("/metrics")
     def prometheus() -> Response:
-        return Response(metrics.render(lambda: ipc.call("status")["status"],
-                                       lambda: ipc.call("coldstarts")["coldstarts"]), content_type=CONTENT_TYPE)
+        return Response(metrics.render(lambda: ipc.request(Status()).status,
+                                       lambda: ipc.request(ColdStarts()).coldstarts), content_type=CONTENT_TYPE)
 
     @app.route("/d/<name>", methods=METHODS, strict_slashes=False)
     @app.route("/d/<name>/<anypath:path>", methods=METHODS)
@@ -438,20 +439,19 @@ def create_app(ipc_path: str | None = None, counters_path: str | None = None, co
 
     @app.get("/api/deployments")
     def deployments() -> Response:
-        return _json(ipc.call("status")["status"])
+        return _json(ipc.request(Status()).status)
 
     @app.get("/api/deployments/<name>")
     def deployment(name: str) -> Response:
-        return _json(ipc.call("status", name=name)["status"])
+        return _json(ipc.request(Status(name=name)).status)
 
     @app.post("/api/deployments/<name>/<action>")
     def action(name: str, action: str) -> Response:
-        return _json(ipc.call("action", name=name, action=action, args=g.body,
-                              actor=g.principal.describe())["result"])
+        return _json(ipc.request(Action(name=name, action=action, args=g.body, actor=g.principal.describe())).result)
 
     @app.get("/api/deployments/<name>/<action>")  # history, rollout, drift (controller.operations)
     def view(name: str, action: str) -> Response:
-        return _json(ipc.call("action", name=name, action=action, args={"read_only": True})["result"])
+        return _json(ipc.request(Action(name=name, action=action, args={"read_only": True})).result)
 
     @app.get("/api/events")
     def events() -> Response:
@@ -459,50 +459,49 @@ def create_app(ipc_path: str | None = None, counters_path: str | None = None, co
             after, limit = int(request.args.get("after", -1)), int(request.args.get("limit", 200))
         except ValueError:
             raise AutoDeployError(errors.BAD_REQUEST, "after and limit must be whole numbers") from None
-        return _json(ipc.call("events", name=request.args.get("deployment") or None, after=after,
-                              limit=limit)["events"])
+        return _json(ipc.request(Events(name=request.args.get("deployment") or None, after=after, limit=limit)).events)
 
     @app.get("/api/drift")
     def drift() -> Response:
-        return _json(ipc.call("action", name="*", action="drift", args={"read_only": True})["result"])
+        return _json(ipc.request(Action(name="*", action="drift", args={"read_only": True})).result)
 
     @app.get("/api/git")
     def source() -> Response:  # the desired-state source: repo, branch, live commit, last fetch, events
-        return _json(ipc.call("source")["source"])
+        return _json(ipc.request(Source()).source)
 
     @app.post("/api/git/sync")  # operator (controller.auth.required_role)
     def git_sync() -> Response:  # a push hook calls this: poll the branch now, answer when applied
         timeout = g.body.get("timeout", 60)
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 120:
             raise AutoDeployError(errors.BAD_REQUEST, f"timeout must be seconds from 0 to 120, got {timeout!r}")
-        return _json(ipc.call("source", sync=True, timeout=float(timeout), actor=g.principal.describe())["source"])
+        return _json(ipc.request(Source(sync=True, timeout=float(timeout), actor=g.principal.describe())).source)
 
     @app.get("/api/tokens")
     def tokens() -> Response:
-        return _json(ipc.call("tokens", do="list"))
+        return _json(ipc.request(Tokens(do="list")).body)
 
     @app.post("/api/tokens")
     def token_create() -> Response:
-        return _json(ipc.call("tokens", do="create", name=g.body.get("name"), role=g.body.get("role"),
-                              actor=g.principal.describe()))
+        return _json(ipc.request(Tokens(do="create", name=g.body.get("name"), role=g.body.get("role"),
+                                        actor=g.principal.describe())).body)
 
     @app.post("/api/tokens/revoke")
     def token_revoke() -> Response:
-        return _json(ipc.call("tokens", do="revoke", name=g.body.get("name"), actor=g.principal.describe()))
+        return _json(ipc.request(Tokens(do="revoke", name=g.body.get("name"), actor=g.principal.describe())).body)
 
     @app.get("/api/keys")
     def keys() -> Response:
-        return _json(ipc.call("keys", do="list", deployment=request.args.get("deployment")))
+        return _json(ipc.request(Keys(do="list", deployment=request.args.get("deployment"))).body)
 
     @app.post("/api/keys")
     def key_create() -> Response:
-        return _json(ipc.call("keys", do="create", deployment=g.body.get("deployment"), name=g.body.get("name"),
-                              scale_out=g.body.get("scale_out", False), actor=g.principal.describe()))
+        return _json(ipc.request(Keys(do="create", deployment=g.body.get("deployment"), name=g.body.get("name"),
+                                      scale_out=g.body.get("scale_out", False), actor=g.principal.describe())).body)
 
     @app.post("/api/keys/revoke")
     def key_revoke() -> Response:
-        return _json(ipc.call("keys", do="revoke", deployment=g.body.get("deployment"), name=g.body.get("name"),
-                              actor=g.principal.describe()))
+        return _json(ipc.request(Keys(do="revoke", deployment=g.body.get("deployment"), name=g.body.get("name"),
+                                      actor=g.principal.describe())).body)
 
     @app.get("/healthz")
     def healthz() -> Response:

@@ -18,6 +18,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from controller.contracts import Address, RouteEntry
 from controller.policy.balance import Candidate, ip_hash, least_connections, sticky_target
 
 COOKIE_PREFIX = "autodeploy-"
@@ -34,25 +35,25 @@ class RequestKey:
     cookie: str | None = None
 
 
-def choose(dep: dict, routable: Sequence[dict], key: RequestKey, *, inflight: Callable[[dict], int],
-           rr_next: Callable[[int], int], rand: random.Random) -> dict:
+def choose(dep: RouteEntry, routable: Sequence[Address], key: RequestKey, *, inflight: Callable[[Address], int],
+           rr_next: Callable[[int], int], rand: random.Random) -> Address:
     """One of `routable` (non-empty) for a request with no route rule."""
-    if dep.get("sticky") and key.cookie:
-        pinned = sticky_target(key.cookie, {r["id"] for r in routable})
+    if dep.sticky and key.cookie:
+        pinned = sticky_target(key.cookie, {r.id for r in routable})
         if pinned is not None:
-            return next(r for r in routable if r["id"] == pinned)
-    algorithm = dep.get("algorithm", "round-robin")
+            return next(r for r in routable if r.id == pinned)
+    algorithm = dep.algorithm
     if len(routable) == 1:
         return routable[0]
     if algorithm == "least-connections":
         # The policy breaks ties by id (reproducible tests). Under light load every count
         # is 0 and the lowest ids would get everything; a jitter below one request makes
         # ties random without ever outweighing a real difference in counts.
-        picked = least_connections([Candidate(r["id"], inflight(r) + rand.random() * 0.5)  # type: ignore[arg-type]
+        picked = least_connections([Candidate(r.id, inflight(r) + rand.random() * 0.5)  # type: ignore[arg-type]
                                     for r in routable], rand)
     elif algorithm == "ip-hash":
-        picked = ip_hash([Candidate(r["id"], 0) for r in routable], key.client_ip)
+        picked = ip_hash([Candidate(r.id, 0) for r in routable], key.client_ip)
     else:
-        ordered = sorted(routable, key=lambda r: r["id"])
-        return ordered[rr_next(dep["rr_slot"]) % len(ordered)]
-    return next(r for r in routable if r["id"] == picked)
+        ordered = sorted(routable, key=lambda r: r.id)
+        return ordered[rr_next(dep.rr_slot) % len(ordered)]
+    return next(r for r in routable if r.id == picked)

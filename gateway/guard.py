@@ -15,6 +15,7 @@ from typing import Any
 
 from controller import errors
 from controller.auth import HostPolicy, Principal, allowed, bearer, digest, required_role
+from controller.contracts import Auth
 from controller.errors import AutoDeployError
 
 log = logging.getLogger("autodeploy.gateway")
@@ -66,10 +67,10 @@ class ApiGuard:
         if token is None:
             detail = "no Authorization header" if raw is None else "Authorization must be `Bearer <token>`"
             raise AutoDeployError(errors.AUTH_REQUIRED, detail)
-        found = self.control.call("auth", hash=digest(token)).get("principal")
-        if not found:
+        found = self.control.request(Auth(hash=digest(token))).principal
+        if found is None:
             raise AutoDeployError(errors.TOKEN_INVALID, "unknown or revoked token")
-        return Principal(found["name"], found["role"])
+        return Principal(found.name, found.role)
 
     @staticmethod
     def _json_body(headers: Any, content_length: int | None, read_body: Any) -> dict:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from controller import errors
+from controller.contracts import (DEFAULT_REQUEST_TIMEOUT_S, DEFAULT_TUNNEL_IDLE_TIMEOUT_S, DEFAULT_TUNNEL_TIMEOUT_S,
+                                  RouteEntry)
 from controller.errors import ErrorCode
 
 ACTIVATOR = "activator"
@@ -30,9 +32,6 @@ PEER_HEADER = "X-Autodeploy-Peer"  # the client address HAProxy saw, for the act
 PROTO_HEADER = "X-Autodeploy-Proto"  # "https" when HAProxy terminated TLS, for the activator only
 COOKIE_PREFIX = "autodeploy-"  # gateway.balancer.cookie_name: same cookie in both data planes
 LOG_TAG = "AD1"  # request log lines start with it; HAProxy's own notices do not
-DEFAULT_REQUEST_TIMEOUT_S = 300.0
-DEFAULT_TUNNEL_IDLE_TIMEOUT_S = 300.0
-DEFAULT_TUNNEL_TIMEOUT_S = 3600.0
 DEPLOYMENT_HEADER = "Deploy-Deployment"  # names an h2c/gRPC deployment when the path cannot (gRPC metadata)
 BASE_WEIGHT = 100  # consistent hashing is coarse at weight 1 (DESIGN.md)
 MAX_WEIGHT = 256
@@ -170,27 +169,25 @@ def backend_name(deployment: str) -> str:
     return f"be_{deployment}"
 
 
-def backend_of(dep: Mapping[str, Any], name: str) -> Backend:
-    """A deployment's backend from its routing-snapshot entry (controller snapshot)."""
-    h = dep.get("health")
-    health = None if not h else Health(str(h["path"]), float(h["interval"]), float(h["timeout"]),
-                                       int(h.get("fall", 3)))
-    return Backend(name=name, algorithm=str(dep.get("algorithm", "round-robin")), sticky=bool(dep.get("sticky")),
-                   health=health,
-                   request_timeout_s=float(dep.get("request_timeout") or DEFAULT_REQUEST_TIMEOUT_S),
-                   protocol=str(dep.get("protocol") or "http"),
-                   tunnel_idle_timeout_s=float(dep.get("tunnel_idle_timeout") or DEFAULT_TUNNEL_IDLE_TIMEOUT_S),
-                   tunnel_timeout_s=float(dep.get("tunnel_timeout") or DEFAULT_TUNNEL_TIMEOUT_S),
-                   private=dep.get("access") == "private")
+def backend_of(dep: RouteEntry, name: str) -> Backend:
+    """A deployment's backend from its routing-snapshot entry (controller.contracts.RouteEntry)."""
+    h = dep.health
+    health = None if h is None else Health(h.path, h.interval, h.timeout, h.fall)
+    return Backend(name=name, algorithm=dep.algorithm, sticky=dep.sticky, health=health,
+                   request_timeout_s=dep.request_timeout or DEFAULT_REQUEST_TIMEOUT_S,
+                   protocol=dep.protocol or "http",
+                   tunnel_idle_timeout_s=dep.tunnel_idle_timeout or DEFAULT_TUNNEL_IDLE_TIMEOUT_S,
+                   tunnel_timeout_s=dep.tunnel_timeout or DEFAULT_TUNNEL_TIMEOUT_S,
+                   private=dep.access == "private")
 
 
-def keys_of(deps: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+def keys_of(deps: Mapping[str, RouteEntry]) -> dict[str, str]:
     """The keys map's entries for a routing snapshot: `<deployment>:<key hash>` -> "1" when
     the key may use `Deploy-Route-Rule: scale-out`, else "0" (controller.auth.endpoint_check)."""
     out = {}
     for name, dep in deps.items():
-        if dep.get("access") == "private":
-            for key_hash, scale_out in (dep.get("keys") or {}).items():
+        if dep.access == "private":
+            for key_hash, scale_out in dep.keys.items():
                 out[f"{name}:{key_hash}"] = "1" if scale_out else "0"
     return out
 
@@ -199,16 +196,16 @@ def keys_map_text(entries: Mapping[str, str]) -> str:
     return "".join(f"{k} {v}\n" for k, v in sorted(entries.items()))
 
 
-def server_weights(dep: Mapping[str, Any]) -> dict[str, int]:
+def server_weights(dep: RouteEntry) -> dict[str, int]:
     """HAProxy weight per ready instance: BASE_WEIGHT each, or during a rollout the split's
     percentages spread over each side's servers (a side at 0 % gets weight 0: no traffic)."""
-    ready = list(dep.get("ready", ()))
-    split = dep.get("split")
-    if not split:
-        return {r["id"]: BASE_WEIGHT for r in ready}
-    new = [r["id"] for r in ready if r["revision"] == split["new_revision"]]
-    old = [r["id"] for r in ready if r["revision"] != split["new_revision"]]
-    new_w, old_w = float(split["new_weight"]), float(split["old_weight"])
+    ready = dep.ready
+    split = dep.split
+    if split is None:
+        return {r.id: BASE_WEIGHT for r in ready}
+    new = [r.id for r in ready if r.revision == split.new_revision]
+    old = [r.id for r in ready if r.revision != split.new_revision]
+    new_w, old_w = split.new_weight, split.old_weight
     # A side with no ready instance gives its share to the other (gateway/split.py).
     if not new or new_w <= 0:
         return {**{i: BASE_WEIGHT for i in old}, **{i: 0 for i in new}} if old else {i: BASE_WEIGHT for i in new}
@@ -222,10 +219,9 @@ def server_weights(dep: Mapping[str, Any]) -> dict[str, int]:
     return out
 
 
-def servers_of(dep: Mapping[str, Any]) -> list[Server]:
+def servers_of(dep: RouteEntry) -> list[Server]:
     weights = server_weights(dep)
-    return [Server(r["id"], str(r["host"]), int(r["port"]), weights[r["id"]], str(r["revision"]))
-            for r in dep.get("ready", ())]
+    return [Server(r.id, r.host, r.port, weights[r.id], str(r.revision)) for r in dep.ready]
 
 
 def server_options(backend: Backend, weight: int) -> str:

@@ -35,6 +35,7 @@ from typing import Any, Callable
 import psutil
 
 from controller import errors
+from controller.contracts import EMPTY_SNAPSHOT, Snapshot, Sync, SyncReply
 from controller.errors import AutoDeployError
 from gateway.haproxy_config import (WAKE_LUA, Backend, Server, Settings, backend_name, backend_of, keys_map_text,
                                     keys_of, render, revision_map_text, server_options, servers_of, tunnels_to_check)
@@ -215,9 +216,9 @@ def running_master(state_dir: Path) -> int | None:
 # ---------------------------------------------------------------------- the data plane
 class HaproxyDataPlane:
     def __init__(self, binary: str, state_dir: Path, settings: Settings,
-                 sync: Callable[..., dict], metrics: Any | None = None) -> None:
+                 sync: Callable[[Sync], SyncReply], metrics: Any | None = None) -> None:
         """`settings`: bind address, activator address, limits (socket paths are filled in
-        here); `sync`: the controller's sync call (IpcClient.call bound to "sync")."""
+        here); `sync`: the controller's sync call (`IpcClient.request`)."""
         rdir = runtime_dir(state_dir)
         rdir.mkdir(parents=True, exist_ok=True)
         self.settings = Settings(**{**settings.__dict__, "socket_path": str(rdir / "haproxy.sock"),
@@ -233,7 +234,7 @@ class HaproxyDataPlane:
         self.metrics = metrics  # gateway.metrics.GatewayMetrics: /metrics counts warm traffic too
         self.requests = RequestLog(self.settings.log_path, metrics)
         self._backends: dict[str, Backend] | None = None  # None: the running config is unknown
-        self._snapshot: dict = {"version": 0, "deployments": {}}
+        self._snapshot: Snapshot = EMPTY_SNAPSHOT
         self._applied = 0
         self._stot: dict[tuple[str, str], tuple[int, int]] = {}  # (backend, server) -> (stot, 5xx) last seen
         self._map: dict[str, str] = {}
@@ -297,13 +298,13 @@ class HaproxyDataPlane:
         snapshot = self._snapshot
         changed = self.apply(snapshot)
         stats = self._last_stats
-        self._applied = snapshot["version"]
+        self._applied = snapshot.version
         self._sweep_tunnels()
         inflight, activity = self._measure(stats)
-        reply = self._sync(worker=WORKER_ID, version=self._applied, inflight=inflight, activity=activity,
-                           wait=SYNC_WAIT_S if self._applied else 0, metrics=self.requests.take())
-        if "snapshot" in reply:
-            self._snapshot = reply["snapshot"]
+        reply = self._sync(Sync(worker=WORKER_ID, version=self._applied, inflight=inflight, activity=activity,
+                                wait=SYNC_WAIT_S if self._applied else 0, metrics=self.requests.take()))
+        if reply.snapshot is not None:
+            self._snapshot = reply.snapshot
 
     def _sweep_tunnels(self) -> None:
         """End WebSockets past their deployment's spec.tunnelTimeout (every TUNNEL_SWEEP_S)."""
@@ -317,9 +318,9 @@ class HaproxyDataPlane:
                          sess.backend, sess.server, sess.age_s)
                 self.api.shutdown_session(sess.ptr)
 
-    def apply(self, snapshot: dict) -> bool:
+    def apply(self, snapshot: Snapshot) -> bool:
         """Make HAProxy match `snapshot`; True when a command changed something."""
-        deps = snapshot["deployments"]
+        deps = snapshot.deployments
         backends = {name: backend_of(dep, name) for name, dep in deps.items()}
         desired = {name: servers_of(dep) for name, dep in deps.items()}
         keys = keys_of(deps)

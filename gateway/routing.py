@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, replace
 
 from controller import errors
+from controller.contracts import EMPTY_SNAPSHOT, Acquire, Address, RouteEntry, Snapshot, Sync, Unreachable
 from controller.errors import AutoDeployError
 from controller.ipc import IpcClient
 from controller.latency import bucket_of
@@ -28,7 +29,9 @@ from gateway.outliers import Outliers
 log = logging.getLogger("autodeploy.gateway")
 
 SYNC_WAIT_S = 0.25
-DEFAULT_REQUEST_TIMEOUT_S = 300.0  # spec.requestTimeout's default (schemas/deployment.schema.json)
+
+
+_UNKNOWN = RouteEntry(ready=())  # the defaults, for a deployment this snapshot does not know
 
 
 @dataclass(frozen=True)
@@ -42,9 +45,8 @@ class Target:
     cold: bool = False  # handed out by the controller (a start may have waited for this request)
 
 
-def _target(a: dict) -> Target:
-    return Target(a["id"], a["host"], int(a["port"]), a["revision"], int(a.get("slot", -1)),
-                  a.get("deployment", ""))
+def _target(a: Address) -> Target:
+    return Target(a.id, a.host, a.port, a.revision, a.slot, a.deployment)
 
 
 class Lease:
@@ -95,7 +97,7 @@ class Router:
         # id -> {"d": deployment, "n": finished, "e": failed, "h": latency histogram}, sent with each sync
         self._report: dict[str, dict] = {}
         self._lock = threading.Lock()
-        self._snapshot: dict = {"version": 0, "deployments": {}}
+        self._snapshot: Snapshot = EMPTY_SNAPSHOT
         self._inflight: dict[str, int] = {}
         self._activity: dict[str, list[float]] = {}  # id -> [last_done, served, errors]
         self._rand = random.Random()
@@ -109,13 +111,13 @@ class Router:
         pid = os.getpid()
         while not self._stop.is_set():
             with self._lock:
-                version = self._snapshot["version"]
+                version = self._snapshot.version
                 inflight = {k: v for k, v in self._inflight.items() if v}
                 activity, self._activity = self._activity, {}
                 report, self._report = self._report, {}
             try:
-                reply = self.ipc.call("sync", worker=pid, version=version, inflight=inflight,
-                                      activity=activity, wait=SYNC_WAIT_S if version else 0, metrics=report)
+                reply = self.ipc.request(Sync(worker=pid, version=version, inflight=inflight, activity=activity,
+                                              wait=SYNC_WAIT_S if version else 0, metrics=report))
             except AutoDeployError as exc:
                 log.warning("sync with controller failed: %s", exc.message)
                 with self._lock:  # keep the activity for the next report
@@ -125,10 +127,11 @@ class Router:
                         self._merge_report(k, m)
                 self._stop.wait(0.2)
                 continue
-            if "snapshot" in reply:
+            snapshot = reply.snapshot
+            if snapshot is not None:  # decoded once per version (controller.contracts)
                 with self._lock:
-                    self._snapshot = reply["snapshot"]
-                self.outliers.forget(r["id"] for d in reply["snapshot"]["deployments"].values() for r in d["ready"])
+                    self._snapshot = snapshot
+                self.outliers.forget(r.id for d in snapshot.deployments.values() for r in d.ready)
                 self._synced.set()
 
     def _merge_activity(self, iid: str, v: list[float]) -> None:
@@ -149,13 +152,13 @@ class Router:
             self.metrics.ejected(self._deployment_of(instance_id), instance_id)
 
     def _deployment_of(self, instance_id: str) -> str:
-        for name, dep in self._snapshot["deployments"].items():
-            if any(r["id"] == instance_id for r in dep["ready"]):
+        for name, dep in self._snapshot.deployments.items():
+            if any(r.id == instance_id for r in dep.ready):
                 return name
         return ""
 
     def known(self, name: str) -> bool:
-        return name in self._snapshot["deployments"]
+        return name in self._snapshot.deployments
 
     def access(self, name: str) -> tuple[str, dict[str, bool]]:
         """spec.access of a deployment and its endpoint keys (hash -> may scale out), from the
@@ -163,24 +166,25 @@ class Router:
         deployment is never reached before its access rule is known here)."""
         if not self._synced.is_set():
             self.wait_synced(5.0)
-        dep = self._snapshot["deployments"].get(name)
+        dep = self._snapshot.deployments.get(name)
         if dep is None:
             self.deployment(name)  # raises 1011 before the first sync, else 1001
         assert dep is not None
-        return str(dep.get("access", "public")), dep.get("keys") or {}
+        return dep.access, dep.keys
 
     def sticky(self, name: str) -> bool:
         """stickySessions of a deployment (False once it is gone from the snapshot)."""
-        return bool(self._snapshot["deployments"].get(name, {}).get("sticky"))
+        dep = self._snapshot.deployments.get(name)
+        return dep is not None and dep.sticky
 
     def protocol(self, name: str) -> str:
         """spec.protocol of a deployment ("http" for one this snapshot does not know)."""
-        return str(self._snapshot["deployments"].get(name, {}).get("protocol", "http"))
+        return self._snapshot.deployments.get(name, _UNKNOWN).protocol
 
     def tunnel_bounds(self, name: str) -> tuple[float, float]:
         """(spec.tunnelTimeout, spec.tunnelIdleTimeout) of a deployment, in seconds."""
-        dep = self._snapshot["deployments"].get(name, {})
-        return float(dep.get("tunnel_timeout", 3600.0)), float(dep.get("tunnel_idle_timeout", 300.0))
+        dep = self._snapshot.deployments.get(name, _UNKNOWN)
+        return dep.tunnel_timeout, dep.tunnel_idle_timeout
 
     def wait_synced(self, timeout: float) -> bool:
         return self._synced.wait(timeout)
@@ -189,14 +193,14 @@ class Router:
         self._stop.set()
 
     # ------------------------------------------------------------------ picking
-    def deployment(self, name: str) -> dict:
-        dep = self._snapshot["deployments"].get(name)
+    def deployment(self, name: str) -> RouteEntry:
+        dep = self._snapshot.deployments.get(name)
         if dep is None:
             if not self._synced.is_set():
                 raise AutoDeployError(errors.CONTROLLER_UNAVAILABLE, "no routing table from the controller yet",
                                       retry_after=1.0)
             raise AutoDeployError(errors.UNKNOWN_DEPLOYMENT, f"no deployment named {name!r}")
-        if dep["state"] == "stopped":
+        if dep.state == "stopped":
             raise AutoDeployError(errors.DEPLOYMENT_STOPPED, f"{name} is stopped")
         return dep
 
@@ -213,8 +217,8 @@ class Router:
             if target is not None:
                 self._count_in(target)
                 return target
-        reply = self.ipc.call("acquire", deployment=name, rule=rule, timeout=self.acquire_timeout)
-        target = replace(_target(reply["instance"]), cold=True)
+        reply = self.ipc.request(Acquire(deployment=name, rule=rule, timeout=self.acquire_timeout))
+        target = replace(_target(reply.instance), cold=True)
         with self._lock:
             self._count_in(target)
         return target
@@ -227,7 +231,7 @@ class Router:
 
     def request_timeout(self, name: str) -> float:
         """spec.requestTimeout of a deployment: how long an instance has to send its headers."""
-        return float(self._snapshot["deployments"].get(name, {}).get("request_timeout", DEFAULT_REQUEST_TIMEOUT_S))
+        return self._snapshot.deployments.get(name, _UNKNOWN).request_timeout
 
     def _count_in(self, target: Target) -> None:
         self._inflight[target.id] = self._inflight.get(target.id, 0) + 1
@@ -243,32 +247,32 @@ class Router:
         if self.metrics is not None:
             self.metrics.finished(target.deployment, target.id)
 
-    def _pick_local(self, dep: dict, rule: str | None, key: RequestKey = RequestKey(),
+    def _pick_local(self, dep: RouteEntry, rule: str | None, key: RequestKey = RequestKey(),
                     avoid: frozenset[str] = frozenset()) -> Target | None:
-        ready = [r for r in dep["ready"] if r["id"] not in avoid] if avoid else dep["ready"]
+        ready = [r for r in dep.ready if r.id not in avoid] if avoid else dep.ready
         if rule == SCALE_OUT or not ready:
             return None
         if rule is not None and rule not in (RANDOM, ROUND_ROBIN):
-            chosen = next((r for r in ready if r["id"] == rule), None)  # an instance id: ejected or not
+            chosen = next((r for r in ready if r.id == rule), None)  # an instance id: ejected or not
             return None if chosen is None else _target(chosen)
         out = self.outliers.ejected()
-        routable = [r for r in ready if r["id"] not in out] if out else ready
+        routable = [r for r in ready if r.id not in out] if out else ready
         routable = routable or ready  # all ejected: a bad instance beats none
-        if dep.get("split"):  # a rollout is moving traffic between revisions
-            routable = split_ready(dep["split"], routable, self.counters.next)
+        if dep.split is not None:  # a rollout is moving traffic between revisions
+            routable = split_ready(dep.split, routable, self.counters.next)
         if rule == RANDOM:
             chosen = self._rand.choice(routable)
         elif rule == ROUND_ROBIN:
-            chosen = routable[self.counters.next(dep["rr_slot"]) % len(routable)]
+            chosen = routable[self.counters.next(dep.rr_slot) % len(routable)]
         else:
             chosen = choose(dep, routable, key, inflight=self._shared_count, rr_next=self.counters.next,
                             rand=self._rand)
         return _target(chosen)
 
-    def _shared_count(self, addr: dict) -> int:
+    def _shared_count(self, addr: Address) -> int:
         if self.shared_inflight is None:
-            return self._inflight.get(addr["id"], 0)
-        return self.shared_inflight.count(int(addr.get("slot", -1)))
+            return self._inflight.get(addr.id, 0)
+        return self.shared_inflight.count(addr.slot)
 
     def done(self, target: Target, ok: bool, status: int | None = None, started: float | None = None) -> None:
         """The request on `target` is over: `status` is the upstream's (None: no response at all)."""
@@ -284,7 +288,7 @@ class Router:
             if elapsed is not None:
                 b = bucket_of(elapsed * 1000.0)
                 rep["h"][b] = rep["h"].get(b, 0) + 1
-            total = len(self._snapshot["deployments"].get(target.deployment, {}).get("ready", ())) or 1
+            total = len(self._snapshot.deployments.get(target.deployment, _UNKNOWN).ready) or 1
         # A response that broke off, or no response after a retry, counts like a 5xx; only a
         # connection that never opened (`unreachable`) counts as a connect failure.
         self.outliers.record(target.id, (status or 200) if ok else max(status or 502, 500), total)
@@ -294,15 +298,17 @@ class Router:
     def unreachable(self, target: Target) -> None:
         with self._lock:
             self._count_out(target)
-            total = len(self._snapshot["deployments"].get(target.deployment, {}).get("ready", ())) or 1
+            total = len(self._snapshot.deployments.get(target.deployment, _UNKNOWN).ready) or 1
         self.outliers.record(target.id, None, total)
         if self.metrics is not None:
             self.metrics.upstream_failure(target.deployment, target.id, "connect")
-        with self._lock:
-            dep_list = self._snapshot["deployments"]
-            for dep in dep_list.values():  # stop routing to it from this worker at once
-                dep["ready"] = [r for r in dep["ready"] if r["id"] != target.id]
+        with self._lock:  # stop routing to it from this worker at once (same version: a local copy)
+            snap = self._snapshot
+            if any(r.id == target.id for d in snap.deployments.values() for r in d.ready):
+                self._snapshot = Snapshot(snap.version, {
+                    name: replace(d, ready=tuple(r for r in d.ready if r.id != target.id)) if any(
+                        r.id == target.id for r in d.ready) else d for name, d in snap.deployments.items()})
         try:
-            self.ipc.call("unreachable", instance=target.id)
+            self.ipc.request(Unreachable(instance=target.id))
         except AutoDeployError as exc:
             log.warning("could not report unreachable %s: %s", target.id, exc.message)

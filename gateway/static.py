@@ -16,6 +16,8 @@ import time
 from typing import Any
 
 from controller import errors
+from controller.contracts import (Acquire, AcquireReply, Address, Auth, AuthReply, Done, Request, RouteEntry, Snapshot,
+                                  Status, StatusReply, Sync, SyncReply, TokenOwner, Unreachable)
 from controller.errors import AutoDeployError
 from controller.policy.capacity import RANDOM, ROUND_ROBIN, SCALE_OUT
 from controller.policy.status import status_word
@@ -23,7 +25,7 @@ from controller.policy.status import status_word
 FIXED = "instances are fixed by the Pulumi stack: change autodeploy:replicas and run `pulumi up`"
 
 
-def parse_routes(routes: dict[str, Any], keys: str = "") -> dict[str, Any]:
+def parse_routes(routes: dict[str, Any], keys: str = "") -> Snapshot:
     """AUTODEPLOY_ROUTES (see controller.pulumi_program.gateway_routes) as a routing snapshot.
     `keys`: AUTODEPLOY_ENDPOINT_KEYS, `deployment:sha256hex:1|0` items (1: may scale out),
     comma-separated; a private deployment without any refuses every request (1035)."""
@@ -41,18 +43,17 @@ def parse_routes(routes: dict[str, Any], keys: str = "") -> dict[str, Any]:
         ready = []
         for n, inst in enumerate(dep.get("instances", [])):
             host, _, port = str(inst["address"]).rpartition(":")
-            ready.append({"id": inst["id"], "host": host, "port": int(port), "revision": 1, "deployment": name,
-                          "slot": slot * 64 + n})
-        deps[name] = {"state": dep.get("state", "running"), "algorithm": dep.get("algorithm", "round-robin"),
-                      "sticky": bool(dep.get("stickySessions")), "rr_slot": slot, "revision": 1, "split": None,
-                      "request_timeout": float(dep.get("requestTimeout", 300.0)),
-                      "access": "private" if dep.get("access") == "private" else "public",
-                      "keys": table.get(name, {}),
-                      "ready": ready if dep.get("state", "running") == "running" else []}
-    return {"version": 1, "deployments": deps}
+            ready.append(Address(str(inst["id"]), host, int(port), 1, name, slot * 64 + n))
+        state = dep.get("state", "running")
+        deps[name] = RouteEntry(state=state, algorithm=dep.get("algorithm", "round-robin"),
+                                sticky=bool(dep.get("stickySessions")), rr_slot=slot, revision=1, split=None,
+                                request_timeout=float(dep.get("requestTimeout", 300.0)),
+                                access="private" if dep.get("access") == "private" else "public",
+                                keys=table.get(name, {}), ready=tuple(ready) if state == "running" else ())
+    return Snapshot(1, deps)
 
 
-def parse_tokens(text: str) -> dict[str, dict]:
+def parse_tokens(text: str) -> dict[str, TokenOwner]:
     """AUTODEPLOY_API_TOKENS: `name:role:sha256hex` items, comma-separated (hashes of
     `autodeploy token create` tokens, or of `openssl rand -hex 32`). Without any, the static
     gateway's status API answers 401 to everyone."""
@@ -62,12 +63,12 @@ def parse_tokens(text: str) -> dict[str, dict]:
         if role not in ("viewer", "operator", "admin") or len(token_hash) != 64:
             raise AutoDeployError(errors.SPEC_INVALID, f"AUTODEPLOY_API_TOKENS item {name!r} must be "
                                   "name:role:sha256-hex with role viewer, operator or admin")
-        out[token_hash.lower()] = {"name": name, "role": role}
+        out[token_hash.lower()] = TokenOwner(name, role)
     return out
 
 
 class StaticControlPlane:
-    """Answers the gateway's control calls (the `IpcClient.call` interface) from fixed routes."""
+    """Answers the gateway's control calls (the `IpcClient.request` interface) from fixed routes."""
 
     def __init__(self, routes: dict[str, Any], tokens: str = "", keys: str = "") -> None:
         self.snapshot = parse_routes(routes, keys)
@@ -82,50 +83,51 @@ class StaticControlPlane:
         return cls(json.loads(raw), os.environ.get("AUTODEPLOY_API_TOKENS", ""),
                    os.environ.get("AUTODEPLOY_ENDPOINT_KEYS", ""))
 
-    def call(self, op: str, **kw: Any) -> dict:
-        if op == "sync":
-            if int(kw.get("version", 0)) != self.snapshot["version"]:
-                return {"version": self.snapshot["version"], "snapshot": self.snapshot}
-            self._idle.wait(float(kw.get("wait", 0)))  # nothing ever changes: behave like a long poll
-            return {"version": self.snapshot["version"]}
-        if op == "acquire":
-            return {"instance": self._acquire(kw["deployment"], kw.get("rule"))}
-        if op == "status":
-            return {"status": self._status(kw.get("name"))}
-        if op == "unreachable":
-            return {}
-        if op == "auth":
-            return {"principal": self.tokens.get(str(kw.get("hash")))}
-        raise AutoDeployError(errors.BAD_REQUEST, f"the static gateway has no {op!r}: {FIXED}")
+    def request(self, msg: Request) -> Any:
+        """The `IpcClient.request` interface: the typed reply to `msg`."""
+        if isinstance(msg, Sync):
+            if msg.version != self.snapshot.version:
+                return SyncReply(self.snapshot.version, self.snapshot)
+            self._idle.wait(msg.wait)  # nothing ever changes: behave like a long poll
+            return SyncReply(self.snapshot.version)
+        if isinstance(msg, Acquire):
+            return AcquireReply(self._acquire(msg.deployment, msg.rule))
+        if isinstance(msg, Status):
+            return StatusReply(self._status(msg.name))
+        if isinstance(msg, Unreachable):
+            return Done()
+        if isinstance(msg, Auth):
+            return AuthReply(self.tokens.get(msg.hash))
+        raise AutoDeployError(errors.BAD_REQUEST, f"the static gateway has no {msg.op!r}: {FIXED}")
 
-    def _dep(self, name: str) -> dict:
-        dep = self.snapshot["deployments"].get(name)
+    def _dep(self, name: str) -> RouteEntry:
+        dep = self.snapshot.deployments.get(name)
         if dep is None:
             raise AutoDeployError(errors.UNKNOWN_DEPLOYMENT, f"no deployment named {name!r}")
-        if dep["state"] == "stopped":
+        if dep.state == "stopped":
             raise AutoDeployError(errors.DEPLOYMENT_STOPPED, f"{name} is stopped")
         return dep
 
-    def _acquire(self, name: str, rule: str | None) -> dict:
+    def _acquire(self, name: str, rule: str | None) -> Address:
         dep = self._dep(name)
         if rule == SCALE_OUT:
             raise AutoDeployError(errors.REPLICA_QUOTA_EXCEEDED, FIXED)
         if rule not in (None, RANDOM, ROUND_ROBIN):
-            found = [r for r in dep["ready"] if r["id"] == rule]
+            found = [r for r in dep.ready if r.id == rule]
             if not found:
                 raise AutoDeployError(errors.ROUTE_TARGET_NOT_FOUND, f"no instance {rule!r} in this deployment")
             return found[0]
-        if not dep["ready"]:
+        if not dep.ready:
             raise AutoDeployError(errors.ROUTE_TARGET_NOT_FOUND, f"{name} has no instances; {FIXED}")
-        return dep["ready"][0]
+        return dep.ready[0]
 
     def _status(self, name: str | None) -> dict:
-        def one(n: str, dep: dict) -> dict:
-            return {"name": n, "state": dep["state"],
-                    "status": status_word(dep["state"], len(dep["ready"]), len(dep["ready"]), 0),
-                    "endpoint": f"/d/{n}/", "instances": [{"id": r["id"], "state": "ready", "host": r["host"],
-                                                           "port": r["port"]} for r in dep["ready"]]}
-        deps = self.snapshot["deployments"]
+        def one(n: str, dep: RouteEntry) -> dict:
+            return {"name": n, "state": dep.state,
+                    "status": status_word(dep.state, len(dep.ready), len(dep.ready), 0),
+                    "endpoint": f"/d/{n}/", "instances": [{"id": r.id, "state": "ready", "host": r.host,
+                                                           "port": r.port} for r in dep.ready]}
+        deps = self.snapshot.deployments
         if name is not None:
             if name not in deps:
                 raise AutoDeployError(errors.UNKNOWN_DEPLOYMENT, f"no deployment named {name!r}")

@@ -5,22 +5,23 @@ import itertools
 import random
 from collections import Counter
 
+from controller.contracts import Address, RouteEntry
 from gateway.balancer import RequestKey, choose, cookie_name
 
 
-def addrs(*ids: str) -> list[dict]:
-    return [{"id": i, "host": "127.0.0.1", "port": 1000 + n, "revision": 1, "slot": n} for n, i in enumerate(ids)]
+def addrs(*ids: str) -> list[Address]:
+    return [Address(i, "127.0.0.1", 1000 + n, 1, slot=n) for n, i in enumerate(ids)]
 
 
-def dep(algorithm: str, sticky: bool = False) -> dict:
-    return {"algorithm": algorithm, "sticky": sticky, "rr_slot": 0}
+def dep(algorithm: str, sticky: bool = False) -> RouteEntry:
+    return RouteEntry(algorithm=algorithm, sticky=sticky, rr_slot=0)
 
 
-def pick(d: dict, ready: list[dict], key: RequestKey = RequestKey(), busy: dict[str, int] | None = None,
+def pick(d: RouteEntry, ready: list[Address], key: RequestKey = RequestKey(), busy: dict[str, int] | None = None,
          counter: itertools.count | None = None, seed: int = 1) -> str:
     counter = counter if counter is not None else itertools.count()
-    return choose(d, ready, key, inflight=lambda a: (busy or {}).get(a["id"], 0),
-                  rr_next=lambda slot: next(counter), rand=random.Random(seed))["id"]
+    return choose(d, ready, key, inflight=lambda a: (busy or {}).get(a.id, 0),
+                  rr_next=lambda slot: next(counter), rand=random.Random(seed)).id
 
 
 def test_round_robin_walks_instances_in_id_order():

@@ -101,7 +101,7 @@ def test_first_request_starts_one_instance_and_gets_its_address(h: Harness):
     h.apply(dep(idle="10m"))
     address = h.c.acquire("m", None, timeout=5)
     assert h.phases("m") == ["ready"]
-    assert address["id"] == h.recs("m")[0].id and address["port"] == h.recs("m")[0].inst.port
+    assert address.id == h.recs("m")[0].id and address.port == h.recs("m")[0].inst.port
     assert [c for c, _ in h.driver.calls if c == "start"] == ["start"]
     assert h.kinds("m")[-2:] == ["start", "ready"]
     assert h.c.status("m")["status"] == "Running"
@@ -118,7 +118,7 @@ def test_a_burst_at_zero_starts_exactly_one_instance(tmp_path: Path):
         h.driver.make_ready(next(iter(h.driver.procs)))
         for w in waiters:
             w["thread"].join(5)
-        assert {w["address"]["id"] for w in waiters} == set(h.driver.procs)
+        assert {w["address"].id for w in waiters} == set(h.driver.procs)
         assert len(h.driver.procs) == 1
     finally:
         h.c.shutdown()
@@ -128,7 +128,7 @@ def test_scale_out_starts_instances_until_max_replicas_then_answers_1007(h: Harn
     h.apply(dep(max_replicas=2))
     a = h.c.acquire("m", SCALE_OUT, timeout=5)
     b = h.c.acquire("m", SCALE_OUT, timeout=5)
-    assert a["id"] != b["id"] and h.phases("m") == ["ready", "ready"]
+    assert a.id != b.id and h.phases("m") == ["ready", "ready"]
     with pytest.raises(AutoDeployError) as err:
         h.c.acquire("m", SCALE_OUT, timeout=5)
     assert err.value.error is errors.REPLICA_QUOTA_EXCEEDED
@@ -138,7 +138,7 @@ def test_an_instance_id_rule_routes_to_that_instance_or_answers_1006(h: Harness)
     h.apply(dep(max_replicas=2))
     a = h.c.acquire("m", SCALE_OUT, timeout=5)
     h.c.acquire("m", SCALE_OUT, timeout=5)
-    assert h.c.acquire("m", a["id"], timeout=5)["id"] == a["id"]
+    assert h.c.acquire("m", a.id, timeout=5).id == a.id
     with pytest.raises(AutoDeployError) as err:
         h.c.acquire("m", "nosuchid", timeout=5)
     assert err.value.error is errors.ROUTE_TARGET_NOT_FOUND
@@ -172,7 +172,7 @@ def test_an_idle_instance_is_drained_then_stopped_after_idle_timeout(h: Harness)
 
 def test_a_draining_instance_waits_for_in_flight_requests_and_for_every_worker(h: Harness):
     h.apply(dep(idle="10s"))
-    iid = h.c.acquire("m", None, timeout=5)["id"]
+    iid = h.c.acquire("m", None, timeout=5).id
     h.clock.advance(11)
     h.c.sync(worker=1, version=h.c.version, inflight={}, activity={}, wait=0)
     h.c.tick()
@@ -187,7 +187,7 @@ def test_a_draining_instance_waits_for_in_flight_requests_and_for_every_worker(h
 
 def test_traffic_during_an_idle_release_revives_the_instance(h: Harness):
     h.apply(dep(idle="10s"))
-    iid = h.c.acquire("m", None, timeout=5)["id"]
+    iid = h.c.acquire("m", None, timeout=5).id
     h.clock.advance(11)
     h.c.sync(worker=1, version=h.c.version, inflight={}, activity={}, wait=0)
     h.c.tick()
@@ -200,7 +200,7 @@ def test_traffic_during_an_idle_release_revives_the_instance(h: Harness):
 
 def test_traffic_still_finishing_on_a_scaled_down_instance_does_not_revive_it(h: Harness):
     h.apply(dep(idle="10m"))
-    iid = h.c.acquire("m", None, timeout=5)["id"]
+    iid = h.c.acquire("m", None, timeout=5).id
     rec = h.recs("m")[0]
     with h.c.fleet:
         h.c.fleet.drain(rec, "autoscale down to 0", revivable=False)
@@ -214,12 +214,12 @@ def test_traffic_still_finishing_on_a_scaled_down_instance_does_not_revive_it(h:
 
 def test_a_request_during_release_revives_the_draining_instance_instead_of_starting_one(h: Harness):
     h.apply(dep(idle="10s"))
-    iid = h.c.acquire("m", None, timeout=5)["id"]
+    iid = h.c.acquire("m", None, timeout=5).id
     h.clock.advance(11)
     h.c.sync(worker=1, version=h.c.version, inflight={}, activity={}, wait=0)
     h.c.tick()
     assert h.phases("m") == ["draining"]
-    assert h.c.acquire("m", None, timeout=5)["id"] == iid
+    assert h.c.acquire("m", None, timeout=5).id == iid
     assert h.phases("m") == ["ready"] and len(h.driver.procs) == 1
 
 
@@ -254,7 +254,7 @@ def test_a_driver_start_that_raises_fails_the_waiters_with_1015_and_backs_off(h:
     assert err.value.error is errors.INSTANCE_START_FAILED and "engine unreachable" in err.value.message
     assert err.value.retry_after is not None and err.value.retry_after > 0
     h.clock.advance(2)
-    assert h.c.acquire("m", None, timeout=5)["id"]
+    assert h.c.acquire("m", None, timeout=5).id
 
 
 def test_an_instance_that_exits_before_it_is_ready_fails_with_1003_and_its_log(tmp_path: Path):
@@ -294,7 +294,7 @@ def test_a_raising_stop_keeps_the_instance_stopping_with_its_gpu_and_is_retried_
     try:
         gpu = "  resources: {gpu: {count: 1}}\n"
         h.apply(dep("a", extra_spec=gpu), dep("b", extra_spec=gpu), dep("other", min_replicas=1))
-        a = h.c.acquire("a", None, timeout=5)["id"]
+        a = h.c.acquire("a", None, timeout=5).id
         h.driver.fail("stop", RuntimeError("docker daemon restarting"), times=2, instance=a)
         h.c.action("a", "stop", {})
         h.c.tick()
@@ -317,7 +317,7 @@ def test_a_raising_stop_keeps_the_instance_stopping_with_its_gpu_and_is_retried_
         h.tick_until(lambda: stops() == 2 and h.recs("a")[0].driver_failures == 2, "the second try")
         h.clock.advance(2.1)
         h.tick_until(lambda: not h.recs("a"), "the third try to stop it")
-        assert h.c.acquire("b", None, timeout=5)["id"]  # the GPU is free once it is gone
+        assert h.c.acquire("b", None, timeout=5).id  # the GPU is free once it is gone
     finally:
         h.c.shutdown()
 
@@ -380,7 +380,7 @@ def test_a_raising_stop_after_a_crash_keeps_the_instance_until_it_is_cleaned_up(
 
 def test_a_raising_unreachable_check_marks_the_instance_only(h: Harness):
     h.apply(dep("a"))
-    iid = h.c.acquire("a", None, timeout=5)["id"]
+    iid = h.c.acquire("a", None, timeout=5).id
     h.driver.fail("poll", OSError("broken pipe"), times=1)
     h.c.report_unreachable(iid)
     assert h.recs("a")[0].driver_failures == 1 and h.phases("a") == ["ready"]

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 from itertools import count
 
+from controller.contracts import Address, Split
 from gateway.split import split_key, split_ready
 
-OLD = [{"id": "aaaaaaaa", "revision": 1}, {"id": "bbbbbbbb", "revision": 1}]
-NEW = [{"id": "cccccccc", "revision": 2}]
+OLD = [Address("aaaaaaaa", "h", 1, 1), Address("bbbbbbbb", "h", 2, 1)]
+NEW = [Address("cccccccc", "h", 3, 2)]
 
 
-def split(new_weight: float) -> dict:
-    return {"slot": 7, "new_revision": 2, "new_weight": new_weight, "old_weight": 100.0 - new_weight}
+def split(new_weight: float) -> Split:
+    return Split(slot=7, new_revision=2, new_weight=new_weight, old_weight=100.0 - new_weight)
 
 
 def shared_counter():
@@ -22,7 +23,7 @@ def shared_counter():
 def test_any_run_of_requests_lands_within_two_of_the_weight():
     for weight in (1, 10, 30, 50, 90):
         nxt = shared_counter()
-        sides = ["new" if split_ready(split(weight), OLD + NEW, nxt)[0]["revision"] == 2 else "old"
+        sides = ["new" if split_ready(split(weight), OLD + NEW, nxt)[0].revision == 2 else "old"
                  for _ in range(1000)]
         for n in (50, 100, 200, 1000):
             for start in (0, 137, 500):
@@ -36,7 +37,7 @@ def test_two_workers_sharing_the_counter_split_as_one():
     nxt = shared_counter()
     worker_a, worker_b = [], []
     for i in range(600):  # interleaved unevenly, as two gunicorn workers would be
-        side = split_ready(split(30), OLD + NEW, nxt)[0]["revision"]
+        side = split_ready(split(30), OLD + NEW, nxt)[0].revision
         (worker_a if i % 3 else worker_b).append(side)
     total = worker_a + worker_b
     assert abs(total.count(2) - 180) <= 2

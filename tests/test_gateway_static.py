@@ -84,9 +84,9 @@ def test_a_private_deployment_on_the_static_gateway_needs_a_key_from_its_environ
     from controller.auth import endpoint_check
     routes = {"version": 1, "deployments": {"p": {"state": "running", "access": "private", "instances": []},
                                              "q": {"state": "running", "access": "private", "instances": []}}}
-    snap = StaticControlPlane(routes, keys=f"p:{digest('k1')}:0").snapshot["deployments"]
-    assert endpoint_check(snap["p"]["access"], snap["p"]["keys"], "Bearer k1", None) is None
-    assert endpoint_check(snap["q"]["access"], snap["q"]["keys"], "Bearer k1", None).error.code == 1035
-    assert endpoint_check(snap["p"]["access"], snap["p"]["keys"], "Bearer k1", "scale-out").error.code == 1036
+    snap = StaticControlPlane(routes, keys=f"p:{digest('k1')}:0").snapshot.deployments
+    assert endpoint_check(snap["p"].access, snap["p"].keys, "Bearer k1", None) is None
+    assert endpoint_check(snap["q"].access, snap["q"].keys, "Bearer k1", None).error.code == 1035
+    assert endpoint_check(snap["p"].access, snap["p"].keys, "Bearer k1", "scale-out").error.code == 1036
     with pytest.raises(AutoDeployError):
         StaticControlPlane(routes, keys="p:short:0")

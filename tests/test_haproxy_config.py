@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from controller import errors
+from controller.contracts import Address, RouteEntry, Split
 from controller.errors import AutoDeployError
 from gateway.haproxy_config import (BASE_WEIGHT, Backend, Health, Server, Settings, backend_of, render,
                                     server_options, server_weights)
@@ -62,9 +64,9 @@ def test_each_deployment_falls_back_to_the_activator_and_route_rules_always_go_t
 
 
 def test_timeouts_come_from_the_spec_with_a_300_s_default(tmp_path):
-    dep = {"algorithm": "round-robin", "ready": [], "health": None}
+    dep = RouteEntry(algorithm="round-robin", ready=(), health=None)
     assert backend_of(dep, "a").request_timeout_s == 300.0
-    b = backend_of({**dep, "request_timeout": 12.5}, "b")
+    b = backend_of(replace(dep, request_timeout=12.5), "b")
     text = render(settings(tmp_path), [b])
     assert "timeout server 12500ms" in section(text, "be_b")
     assert "timeout http-request 10000ms" in text and "option http-no-delay" in text
@@ -88,14 +90,17 @@ def test_haproxy_errors_are_the_projects_coded_json(tmp_path):
 
 
 def test_canary_split_becomes_server_weights():
-    ready = [{"id": "new1", "revision": 2}, {"id": "old1", "revision": 1}, {"id": "old2", "revision": 1}]
-    assert server_weights({"ready": ready}) == {"new1": BASE_WEIGHT, "old1": BASE_WEIGHT, "old2": BASE_WEIGHT}
-    w = server_weights({"ready": ready, "split": {"new_revision": 2, "new_weight": 10, "old_weight": 90}})
+    ready = (Address("new1", "h", 1, 2), Address("old1", "h", 2, 1), Address("old2", "h", 3, 1))
+
+    def split(new: float, old: float) -> RouteEntry:
+        return RouteEntry(ready=ready, split=Split(slot=0, new_revision=2, new_weight=new, old_weight=old))
+    assert server_weights(RouteEntry(ready=ready)) == {"new1": BASE_WEIGHT, "old1": BASE_WEIGHT, "old2": BASE_WEIGHT}
+    w = server_weights(split(10, 90))
     share = w["new1"] / (w["new1"] + w["old1"] + w["old2"])
     assert 0.08 < share < 0.12
     # blue-green before its switch: the new side gets nothing; after it, the old side nothing
-    assert server_weights({"ready": ready, "split": {"new_revision": 2, "new_weight": 0, "old_weight": 100}})["new1"] == 0
-    after = server_weights({"ready": ready, "split": {"new_revision": 2, "new_weight": 100, "old_weight": 0}})
+    assert server_weights(split(0, 100))["new1"] == 0
+    after = server_weights(split(100, 0))
     assert after["old1"] == after["old2"] == 0 and after["new1"] > 0
 
 

@@ -15,6 +15,7 @@ from typing import Iterator
 import pytest
 import requests
 
+from controller.contracts import Snapshot, SyncReply
 from controller.drivers.local import free_port
 from gateway.haproxy_config import Settings
 from gateway.haproxy_plane import HaproxyDataPlane, find_haproxy
@@ -58,16 +59,16 @@ class Rig:
         self.plane.boot()
 
     def new_plane(self) -> HaproxyDataPlane:
-        return HaproxyDataPlane(HAPROXY, self.state, self.settings, sync=lambda **kw: {})  # type: ignore[arg-type]
+        return HaproxyDataPlane(HAPROXY, self.state, self.settings, sync=lambda msg: SyncReply(msg.version))
 
     def ready(self, *ids: str, revision: int = 1) -> list[dict]:
         return [{"id": i, "host": "127.0.0.1", "port": self.ports[i], "revision": revision, "deployment": "d"}
                 for i in ids]
 
-    def snapshot(self, version: int, **deps: dict) -> dict:
-        base = {"state": "running", "algorithm": "round-robin", "sticky": False, "health": None,
-                "request_timeout": None, "split": None, "ready": []}
-        return {"version": version, "deployments": {k: {**base, **v} for k, v in deps.items()}}
+    def snapshot(self, version: int, **deps: dict) -> Snapshot:
+        """A snapshot as the wire carries it, decoded like the data plane's sync does."""
+        base = {"state": "running", "algorithm": "round-robin", "sticky": False, "split": None, "ready": []}
+        return Snapshot.from_json({"version": version, "deployments": {k: {**base, **v} for k, v in deps.items()}})
 
     def close(self) -> None:
         self.plane.close(stop_haproxy=True, timeout=5)
@@ -132,10 +133,10 @@ def test_a_removed_instance_drains_then_is_deleted_without_failing_its_request(r
 def test_canary_weights_are_set_at_run_time(rig):
     ready = rig.ready("instanca") + rig.ready("instancb", revision=2)
     rig.plane.apply(rig.snapshot(2, d={"ready": ready,
-                                       "split": {"new_revision": 2, "new_weight": 0, "old_weight": 100}}))
+                                       "split": {"slot": 0, "new_revision": 2, "new_weight": 0, "old_weight": 100}}))
     assert {requests.get(rig.url + "/d/d/x", timeout=5).headers["X-Instance"] for _ in range(6)} == {"instanca"}
     rig.plane.apply(rig.snapshot(3, d={"ready": ready,
-                                       "split": {"new_revision": 2, "new_weight": 100, "old_weight": 0}}))
+                                       "split": {"slot": 0, "new_revision": 2, "new_weight": 100, "old_weight": 0}}))
     got = {requests.get(rig.url + "/d/d/x", timeout=5).headers["Deploy-Revision"] for _ in range(6)}
     assert got == {"2"}
 

@@ -6,6 +6,7 @@ import re
 import subprocess
 from pathlib import Path
 
+from controller.contracts import RouteEntry
 from gateway.haproxy_config import (WAKE_LUA, Backend, Health, Server, Settings, backend_of, render,
                                     server_options)
 from gateway.haproxy_plane import find_haproxy
@@ -30,9 +31,9 @@ def frontend(text: str) -> str:
 
 
 def test_snapshot_protocol_and_tunnel_idle_timeout_reach_the_backend():
-    b = backend_of({"protocol": "grpc", "tunnel_idle_timeout": 7.5, "request_timeout": 30}, "g")
+    b = backend_of(RouteEntry.from_json({"protocol": "grpc", "tunnel_idle_timeout": 7.5, "request_timeout": 30}), "g")
     assert (b.protocol, b.tunnel_idle_timeout_s) == ("grpc", 7.5)
-    assert (backend_of({}, "h").protocol, backend_of({}, "h").tunnel_idle_timeout_s) == ("http", 300.0)
+    assert (backend_of(RouteEntry(), "h").protocol, backend_of(RouteEntry(), "h").tunnel_idle_timeout_s) == ("http", 300.0)
 
 
 def test_each_backend_bounds_its_websockets_with_its_own_tunnel_idle_timeout(tmp_path):

@@ -72,7 +72,7 @@ def test_a_lost_node_takes_its_instances_out_and_they_are_replaced_on_the_other(
     h.c.tick()
     assert not on_b & {r.id for r in h.recs("web")}  # out of the table (and routing) in one pass
     with h.c.fleet:
-        routed = {a["id"] for a in h.c.snapshot()["deployments"]["web"]["ready"]}
+        routed = {a.id for a in h.c.snapshot().deployments["web"].ready}
     assert not on_b & routed
     assert h.kinds("web").count("lost") == 2
     h.tick_until(lambda: nodes_of(h, "web") == {"a": 4}, "replacements on a")

@@ -15,6 +15,7 @@ from urllib.parse import quote
 from flask import Blueprint, Flask, Response, redirect, render_template, request
 
 from controller import errors
+from controller.contracts import Action, Logs, Status
 from controller.errors import AutoDeployError
 from controller.humantime import ago, duration
 from controller.policy.status import brief_error
@@ -107,7 +108,7 @@ def register(app: Flask, ipc: Any, verifier: TokenVerifier | None = None, sessio
     @bp.get("/")
     def deployments() -> Any:
         viewer()
-        data = ipc.call("status")["status"]
+        data = ipc.request(Status()).status
         if request.args.get("fragment"):
             return render_template("ui_list_rows.html", data=data, now=time.time(), ms=_ms, gpu=_gpu,
                                    brief=brief_error)
@@ -116,7 +117,7 @@ def register(app: Flask, ipc: Any, verifier: TokenVerifier | None = None, sessio
     @bp.get("/d/<name>")
     def deployment(name: str) -> Any:
         viewer()
-        dep = ipc.call("status", name=name)["status"]
+        dep = ipc.request(Status(name=name)).status
         now = time.time()
         latency_svg, rate_svg = history_charts(dep.get("history") or [], now)
         kw = dict(dep=dep, latency_svg=latency_svg, rate_svg=rate_svg)
@@ -127,7 +128,7 @@ def register(app: Flask, ipc: Any, verifier: TokenVerifier | None = None, sessio
     @bp.get("/d/<name>/logs/<instance>")
     def logs(name: str, instance: str) -> Response:
         viewer()
-        got = ipc.call("logs", name=name, instance=instance, lines=LOG_LINES)["logs"]
+        got = ipc.request(Logs(name=name, instance=instance, lines=LOG_LINES)).logs
         return Response(got["text"], mimetype="text/plain")
 
     @bp.post("/d/<name>/<action>")
@@ -150,7 +151,7 @@ def register(app: Flask, ipc: Any, verifier: TokenVerifier | None = None, sessio
         except ValueError:
             return redirect(f"/ui/d/{quote(name)}?error=" + quote("the count must be a whole number"), code=303)
         try:
-            result = ipc.call("action", name=name, action=action, args=args, actor=s.describe())["result"]
+            result = ipc.request(Action(name=name, action=action, args=args, actor=s.describe())).result
         except AutoDeployError as exc:
             if exc.error in (errors.UNKNOWN_DEPLOYMENT,):
                 raise

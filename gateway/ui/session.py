@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from controller.auth import MAX_CREDENTIAL, digest
+from controller.contracts import Auth
 
 COOKIE = "autodeploy_ui"
 SESSION_TTL_S = 12 * 3600
@@ -44,8 +45,8 @@ class ControlTokens:
         """(name, role) of a known token, else None."""
         if not token or len(token) > MAX_CREDENTIAL:
             return None
-        found = self.control.call("auth", hash=digest(token)).get("principal")
-        return (str(found["name"]), str(found["role"])) if found else None
+        found = self.control.request(Auth(hash=digest(token))).principal
+        return (found.name, found.role) if found is not None else None
 
     def role_of(self, token: str) -> str | None:
         found = self.principal(token)
