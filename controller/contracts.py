@@ -103,7 +103,7 @@ class Snapshot:
     @cached_property
     def wire(self) -> dict[str, Any]:
         """The wire form, built once per snapshot (the controller answers many syncs with one)."""
-        return _to_json(self)
+        return {"version": self.version, "deployments": {k: _to_json(v) for k, v in self.deployments.items()}}
 
     @staticmethod
     def from_json(obj: Any) -> "Snapshot":
@@ -379,24 +379,35 @@ def decode(line: bytes | str | dict, kind: type | None = None) -> Any:
     return _decode_object(kind, obj, f"{kind.__name__}")
 
 
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
 def _to_json(value: Any) -> Any:
-    if is_dataclass(value) and not isinstance(value, type):
+    t = type(value)
+    if t in _SCALARS:
+        return value
+    if t is list or t is tuple:
+        return [v if type(v) in _SCALARS else _to_json(v) for v in value]
+    if t is dict:
+        return {k: v if type(v) in _SCALARS else _to_json(v) for k, v in value.items()}
+    if t is Snapshot:
+        return value.wire  # built once per snapshot
+    if is_dataclass(value):
         out = {}
-        for f in _fields_of(type(value)):
+        for f in _fields_of(t):
             v = getattr(value, f.name)
             if v is None and f.default is None:
                 continue  # an absent optional field decodes to its default None
-            out[f.name] = _to_json(v)
+            out[f.name] = v if type(v) in _SCALARS else _to_json(v)
         return out
-    if isinstance(value, (list, tuple)):
-        return [_to_json(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _to_json(v) for k, v in value.items()}
     return value
 
 
 # A field's decoder: (value, where) -> converted value, raising BAD_REQUEST on a wrong type.
-Conv = Callable[[Any, str], Any]
+# `where` names the value for the message: a str, or (parent, key) pairs rendered only on
+# an error (a str key is a field, `.key`; an int or a tuple `(key,)` an index, `[key]`).
+Where = Any
+Conv = Callable[[Any, Where], Any]
 _FIELDS: dict[type, tuple] = {}
 _PLANS: dict[type, tuple[tuple[str, Conv, Any, Any], ...]] = {}
 
@@ -412,8 +423,17 @@ def _kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _bad(where: str, want: str, value: Any) -> AutoDeployError:
-    return AutoDeployError(errors.BAD_REQUEST, f"bad IPC message: {where} must be {want}, got {_kind(value)}")
+def _path(where: Where) -> str:
+    if isinstance(where, str):
+        return where
+    parent, key = where
+    if isinstance(key, str):
+        return f"{_path(parent)}.{key}"
+    return f"{_path(parent)}[{key[0]!r}]" if isinstance(key, tuple) else f"{_path(parent)}[{key}]"
+
+
+def _bad(where: Where, want: str, value: Any) -> AutoDeployError:
+    return AutoDeployError(errors.BAD_REQUEST, f"bad IPC message: {_path(where)} must be {want}, got {_kind(value)}")
 
 
 def _plan(cls: type) -> tuple[tuple[str, Conv, Any, Any], ...]:
@@ -425,15 +445,15 @@ def _plan(cls: type) -> tuple[tuple[str, Conv, Any, Any], ...]:
     return plan
 
 
-def _decode_object(cls: type, obj: Any, where: str) -> Any:
-    if not isinstance(obj, dict):
+def _decode_object(cls: type, obj: Any, where: Where) -> Any:
+    if type(obj) is not dict:
         raise _bad(where, "an object", obj)
     kw = {}
     for name, conv, default, factory in _plan(cls):
         if name in obj:
-            kw[name] = conv(obj[name], f"{where}.{name}")
+            kw[name] = conv(obj[name], (where, name))
         elif default is MISSING and factory is MISSING:
-            raise AutoDeployError(errors.BAD_REQUEST, f"bad IPC message: {where}.{name} is missing")
+            raise AutoDeployError(errors.BAD_REQUEST, f"bad IPC message: {_path((where, name))} is missing")
     return cls(**kw)
 
 
@@ -446,32 +466,35 @@ def _converter(tp: Any) -> Conv:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         inner = _converter(args[0] if len(args) == 1 else Any)
 
-        def optional(v: Any, where: str) -> Any:
+        def optional(v: Any, where: Where) -> Any:
             return None if v is None else inner(v, where)
         return optional
     if tp is bool:
-        def boolean(v: Any, where: str) -> bool:
-            if not isinstance(v, bool):
+        def boolean(v: Any, where: Where) -> bool:
+            if type(v) is not bool:
                 raise _bad(where, "true or false", v)
             return v
         return boolean
     if tp is int:
-        def integer(v: Any, where: str) -> int:
-            if isinstance(v, bool) or not isinstance(v, int):
-                if isinstance(v, float) and v.is_integer():
-                    return int(v)
-                raise _bad(where, "an integer", v)
-            return v
+        def integer(v: Any, where: Where) -> int:
+            if type(v) is int:
+                return v
+            if type(v) is float and v.is_integer():
+                return int(v)
+            raise _bad(where, "an integer", v)
         return integer
     if tp is float:
-        def number(v: Any, where: str) -> float:
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise _bad(where, "a number", v)
-            return float(v)
+        def number(v: Any, where: Where) -> float:
+            t = type(v)
+            if t is float:
+                return v
+            if t is int:
+                return float(v)
+            raise _bad(where, "a number", v)
         return number
     if tp is str:
-        def string(v: Any, where: str) -> str:
-            if not isinstance(v, str):
+        def string(v: Any, where: Where) -> str:
+            if type(v) is not str:
                 raise _bad(where, "a string", v)
             return v
         return string
@@ -479,22 +502,22 @@ def _converter(tp: Any) -> Conv:
         args = typing.get_args(tp)
         value = _converter(args[1]) if len(args) == 2 and args[1] is not Any else None
 
-        def mapping(v: Any, where: str) -> dict:
-            if not isinstance(v, dict):
+        def mapping(v: Any, where: Where) -> dict:
+            if type(v) is not dict:
                 raise _bad(where, "an object", v)
             if value is None:
                 return v
-            return {k: value(x, f"{where}[{k!r}]") for k, x in v.items()}
+            return {k: value(x, (where, (k,))) for k, x in v.items()}
         return mapping
     if tp is list or origin in (list, tuple):
         args = [a for a in typing.get_args(tp) if a is not Ellipsis]
         item = _converter(args[0]) if args and args[0] is not Any else None
         make = tuple if origin is tuple else list
 
-        def sequence(v: Any, where: str) -> Any:
-            if not isinstance(v, (list, tuple)):
+        def sequence(v: Any, where: Where) -> Any:
+            if type(v) is not list and type(v) is not tuple:
                 raise _bad(where, "a list", v)
-            return make(v) if item is None else make(item(x, f"{where}[{i}]") for i, x in enumerate(v))
+            return make(v) if item is None else make([item(x, (where, i)) for i, x in enumerate(v)])
         return sequence
     if isinstance(tp, type) and is_dataclass(tp):
         return lambda v, where: _decode_object(tp, v, where)

@@ -49,7 +49,8 @@ class _Handler(socketserver.StreamRequestHandler):
             except (ValueError, KeyError, TypeError) as exc:  # a handler's own slip: still a coded answer
                 reply = encode_error(AutoDeployError(errors.BAD_REQUEST, f"bad IPC message: {exc}"))
             try:
-                self.wfile.write(self.server.redact(reply.decode()).encode())
+                # The redactor re-dumps a line it masks: the newline is added after it.
+                self.wfile.write(self.server.redact(reply[:-1].decode()).encode() + b"\n")
                 self.wfile.flush()
             except (BrokenPipeError, ConnectionResetError):
                 return

@@ -21,6 +21,7 @@ from controller.contracts import (REQUESTS, Acquire, AcquireReply, Address, Docu
                                   Sync, SyncReply, decode, encode, encode_error)
 from controller.errors import AutoDeployError
 from controller.ipc import IpcClient, IpcServer
+from controller.secrets import MASK, Redactor
 from test_controller import dep, make
 
 REPLIES = sorted({cls.reply for cls in REQUESTS.values()}, key=lambda c: c.__name__)
@@ -195,6 +196,24 @@ def test_garbage_on_the_socket_gets_a_coded_answer_and_the_connection_goes_on(se
             assert answer["error"]["code"] == errors.BAD_REQUEST.code, answer
         sock.sendall(encode(Status()))
         assert "deployments" in json.loads(rfile.readline())["status"]
+
+
+def test_a_masked_reply_still_ends_its_line(served):
+    """serve masks secret values in every reply (Redactor.json_text re-dumps the JSON):
+    the reply must still arrive as one line, or the gateway would wait for its deadline."""
+    _h, server, path = served
+    redactor = Redactor()
+    redactor.set_values(["s3cr3t-value"])
+    server.redact = redactor.json_text
+    client = IpcClient(path, call_timeout=10)
+    try:
+        with pytest.raises(AutoDeployError) as err:
+            client.request(Acquire(deployment="s3cr3t-value", timeout=1))
+        assert err.value.error is errors.UNKNOWN_DEPLOYMENT and "s3cr3t-value" not in err.value.message
+        assert MASK in err.value.message
+        assert "deployments" in client.request(Status()).status  # the connection goes on
+    finally:
+        client.close()
 
 
 class SilentServer:

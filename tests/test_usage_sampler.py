@@ -34,7 +34,7 @@ def test_sampler_reads_cpu_memory_and_gpu_use_of_a_running_instance(tmp_path: Pa
     nvml = NvmlGpuSource(FakeNvml([device]))
     sampler = UsageSampler(controller.fleet, controller.traffic, nvml)
     try:
-        iid = controller.acquire("busy", None, timeout=30)["id"]
+        iid = controller.acquire("busy", None, timeout=30).id
         shell = controller.status("busy")["instances"][0]["pid"]
         model_pid = psutil.Process(shell).children()[0].pid  # NVML lists the process under the shell
         device.processes.append(FakeGpuProcess(model_pid, 1234))
