@@ -32,6 +32,14 @@ PEER_HEADER = "X-Autodeploy-Peer"  # the client address HAProxy saw, for the act
 PROTO_HEADER = "X-Autodeploy-Proto"  # "https" when HAProxy terminated TLS, for the activator only
 COOKIE_PREFIX = "autodeploy-"  # gateway.balancer.cookie_name: same cookie in both data planes
 LOG_TAG = "AD1"  # request log lines start with it; HAProxy's own notices do not
+# Request log sampling. Each logged request costs the controller's reader ~10 us of Python
+# on the same cores as HAProxy and the models: logging every request took a third of warm
+# throughput. Below this many responses per second a deployment logs every one; above it,
+# a response is logged with probability 1/k, k = ceil(rate / LOG_LINES_PER_S), and its
+# line carries the weight k, so counts and latency histograms stay unbiased estimates.
+# Responses with status >= 500 and HAProxy's own error answers are always logged, weight 1.
+LOG_LINES_PER_S = 200
+RATES_TABLE = "st_log_rates"  # one entry per deployment: its responses per second
 DEPLOYMENT_HEADER = "Deploy-Deployment"  # names an h2c/gRPC deployment when the path cannot (gRPC metadata)
 BASE_WEIGHT = 100  # consistent hashing is coarse at weight 1 (DESIGN.md)
 MAX_WEIGHT = 256
@@ -97,6 +105,7 @@ class Settings:
     activator_port: int
     socket_path: str = ""  # Runtime API (stats socket, level admin)
     log_path: str = ""  # request log: Unix datagram socket the controller reads
+    log_lines_per_s: int = LOG_LINES_PER_S  # per deployment; above it the log samples (weights)
     revision_map: str = ""  # server name -> Deploy-Revision, kept over the Runtime API
     keys_map: str = ""  # "<deployment>:<sha256 of key>" -> 1 (may scale out) | 0, kept over the Runtime API
     tls_cert: str = ""  # PEM (chain + key): the frontend terminates TLS (autodeploy:tlsCertificate)
@@ -308,7 +317,7 @@ def render(settings: Settings, backends: Iterable[Backend],
     w("defaults")
     w("    mode http")
     w("    log global")
-    w(f'    log-format "{LOG_TAG} %b %s %ST %Ta %tsc"')
+    w(f'    log-format "{LOG_TAG} %b %s %ST %Ta %tsc %[var(txn.logw)]"')
     w("    option dontlognull")
     w("    option http-no-delay")  # streamed chunks (SSE, tokens) leave at once, not ~200 ms later
     w("    option redispatch")
@@ -334,8 +343,9 @@ def render(settings: Settings, backends: Iterable[Backend],
     w("    http-request set-var(txn.dep) path,field(3,/) if { path_beg /d/ }")
     # h2c/gRPC deployments are also named by a header (gRPC metadata) or by the first label of
     # the :authority (Host), since gRPC clients put /package.Service/Method in the path.
-    w(f"    http-request set-var(txn.hdep) req.hdr({DEPLOYMENT_HEADER}) if {{ req.hdr({DEPLOYMENT_HEADER}) -m found }}")
-    w("    http-request set-var(txn.hdep) req.hdr(host),field(1,:),field(1,.) if !{ var(txn.hdep) -m found }")
+    if any(b.protocol != "http" for b in backends):  # each rule costs every request: only when used
+        w(f"    http-request set-var(txn.hdep) req.hdr({DEPLOYMENT_HEADER}) if {{ req.hdr({DEPLOYMENT_HEADER}) -m found }}")
+        w("    http-request set-var(txn.hdep) req.hdr(host),field(1,:),field(1,.) if !{ var(txn.hdep) -m found }")
     w(f"    http-request del-header {WAKE_HEADER}")
     _endpoint_keys(w, s, [b for b in backends if b.private])
     if s.lua_path:
@@ -348,7 +358,8 @@ def render(settings: Settings, backends: Iterable[Backend],
               "!{ req.hdr(Deploy-Route-Rule) -m found }")
             w(f"{wake} if !{{ path_beg /d/ }} {{ var(txn.hdep) -m str {b.name} }} {{ nbsrv({b.section}) eq 0 }} "
               "!{ req.hdr(Deploy-Route-Rule) -m found }")
-    _client_address(w, s.trusted_proxies)
+    if s.trusted_proxies and any(b.algorithm == "ip-hash" for b in backends):
+        _client_address(w, s.trusted_proxies)
     w(f"    use_backend {ACTIVATOR} if {{ req.hdr(Deploy-Route-Rule) -m found }}")
     for b in backends:
         w(f"    use_backend {b.section} if {{ var(txn.dep) -m str {b.name} }} {{ nbsrv({b.section}) gt 0 }}")
@@ -359,6 +370,10 @@ def render(settings: Settings, backends: Iterable[Backend],
     for b in backends:
         w("")
         _backend(w, s, b, servers.get(b.name, ()))
+    if s.log_path and backends:
+        w("")
+        w(f"backend {RATES_TABLE}")
+        w(f"    stick-table type string len 64 size {max(100, 2 * len(backends))} expire 10s store http_req_rate(1s)")
     w("")
     w(f"backend {ACTIVATOR}")
     w("    http-request set-log-level silent")  # the activator reports its own metrics
@@ -405,8 +420,6 @@ def _client_address(w, trusted: tuple[str, ...]) -> None:
     """txn.client: the client's address for ip-hash, believing X-Forwarded-For only from
     trusted proxies, hop by hop from the right (controller.policy.balance.client_ip)."""
     w("    http-request set-var(txn.client) src")
-    if not trusted:
-        return
     nets = " ".join(str(ipaddress.ip_network(t, strict=False)) for t in trusted)
     for hop in range(1, XFF_HOPS + 1):
         w(f"    http-request set-var(txn.client) req.hdr_ip(X-Forwarded-For,-{hop}) "
@@ -436,6 +449,15 @@ def _forwarded(w, trusted: tuple[str, ...], proto: str = "http") -> None:
     w("    http-request set-header X-Forwarded-Host %[req.hdr(host)]")
     w("    http-request del-header Forwarded")
     w("    http-request del-header X-Real-IP")
+
+
+def _log_sampling(w, s: Settings, b: Backend) -> None:
+    """k = ceil(responses/s of this deployment / log_lines_per_s); a response under 500 is
+    logged with probability 1/k and weight k (LOG_LINES_PER_S)."""
+    t = max(1, int(s.log_lines_per_s))
+    w(f"    http-request track-sc2 str({b.name}) table {RATES_TABLE}")
+    w(f"    http-response set-var(txn.logw) sc_http_req_rate(2),add({t - 1}),div({t}) if {{ status lt 500 }}")
+    w("    http-response set-log-level silent if { var(txn.logw) -m int gt 1 } !{ rand(1000000),mod(txn.logw) eq 0 }")
 
 
 def _backend(w, s: Settings, b: Backend, servers: Iterable[Server]) -> None:
@@ -470,6 +492,8 @@ def _backend(w, s: Settings, b: Backend, servers: Iterable[Server]) -> None:
         w(f'    http-response add-header Set-Cookie "{b.cookie}=%s; Path=/d/{b.name}; HttpOnly; SameSite=Lax" '
           "if !{ var(txn.sticky),strcmp(txn.srv) eq 0 }")
     w("    http-response set-header Deploy-Route-Target %s")
+    if s.log_path:
+        _log_sampling(w, s, b)
     if s.revision_map:
         w(f"    http-response set-header Deploy-Revision %[srv_name,map({s.revision_map},0)]")
     for srv in servers:

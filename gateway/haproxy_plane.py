@@ -162,12 +162,24 @@ class HaproxyProcess:
         deadline = time.monotonic() + RELOAD_TIMEOUT_S
         while time.monotonic() < deadline:
             try:
-                if self.api.info().get("Pid") not in (None, old_worker):
+                # Until the old worker lets go of the Runtime API socket, a connection may still
+                # reach it and read the old config (then `add server` of a server the new file
+                # already has fails): done when the new worker answers and the old one is deaf.
+                if self.api.info().get("Pid") not in (None, old_worker) and not self._listens(old_worker):
                     return
             except AutoDeployError:
                 pass
             time.sleep(0.02)
         raise AutoDeployError(errors.DATA_PLANE_UNAVAILABLE, f"haproxy reload did not finish: {self._log_tail()}")
+
+    def _listens(self, worker: Any) -> bool:
+        """The (old) worker still holds the Runtime API's listening socket."""
+        try:
+            conns = psutil.Process(int(worker)).net_connections(kind="unix")
+        except (TypeError, ValueError, psutil.Error):
+            return False  # gone, or not a pid
+        path = self.api.path  # HAProxy binds "<path>.<pid>.tmp", then renames it to <path>
+        return any(c.laddr == path or str(c.laddr).startswith(path + ".") for c in conns)
 
     def stop(self, timeout: float) -> None:
         """Soft stop (listeners close, in-flight requests finish, idle keep-alive

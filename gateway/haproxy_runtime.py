@@ -231,6 +231,9 @@ class RuntimeApi:
         self._ok(f"clear table {table} key {key}")
 
 
+MAX_LOG_WEIGHT = 1_000_000  # a line's weight is a request rate over the sampling target: bounded
+
+
 @dataclass
 class _Sums:
     deployment: str
@@ -273,25 +276,27 @@ class RequestLog:
             self.feed(data.decode(errors="replace"))
 
     def feed(self, line: str) -> None:
-        """One log line: `AD1 <backend> <server> <status> <Ta ms> <termination>`."""
+        """One log line: `AD1 <backend> <server> <status> <Ta ms> <termination> <weight>`; the
+        weight (requests the line stands for, the log being sampled) is `-` or absent for 1."""
         parts = line.split()
         if len(parts) < 6 or parts[0] != LOG_TAG or not parts[1].startswith("be_") or parts[2].startswith("<"):
             return
         deployment, server = parts[1][3:], parts[2]
         status, total_ms = _int(parts[3], -1), _int(parts[4], -1)
+        weight = max(1, min(MAX_LOG_WEIGHT, _int(parts[6], 1))) if len(parts) > 6 else 1
         failed = status < 0 or status >= 500 or parts[5][:1] in ("S", "s")  # S: the server side broke
         with self._lock:
             sums = self._sums.get(server)
             if sums is None:
                 sums = self._sums[server] = _Sums(deployment)
-            sums.n += 1
-            sums.e += 1 if failed else 0
+            sums.n += weight
+            sums.e += weight if failed else 0
             if total_ms >= 0:
                 b = bucket_of(float(total_ms))
-                sums.h[b] = sums.h.get(b, 0) + 1
+                sums.h[b] = sums.h.get(b, 0) + weight
         if self.metrics is not None:
             self.metrics.response(deployment, server, status if status >= 0 else None,
-                                  total_ms / 1000.0 if total_ms >= 0 else None)
+                                  total_ms / 1000.0 if total_ms >= 0 else None, weight)
 
     def take(self) -> dict[str, dict]:
         """What was logged since the last call, per instance: {"d", "n", "e", "h"}."""

@@ -36,6 +36,23 @@ def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
+class WeightedHistogram(Histogram):
+    """A Histogram that also takes one observation standing for `weight` requests: the
+    haproxy data plane samples its request log above a rate, each line carrying the number
+    of requests it stands for (gateway.haproxy_config.LOG_LINES_PER_S)."""
+
+    def observe_weighted(self, amount: float, weight: int) -> None:
+        if weight == 1:
+            self.observe(amount)
+            return
+        self._raise_if_not_observable()
+        self._sum.inc(amount * weight)
+        for i, bound in enumerate(self._upper_bounds):
+            if amount <= bound:
+                self._buckets[i].inc(weight)
+                break
+
+
 class GatewayMetrics:
     """The per-request metrics of one gateway worker; labelled children are cached."""
 
@@ -47,7 +64,7 @@ class GatewayMetrics:
         reg = None if self.multiprocess else self.registry
         self._requests = Counter("autodeploy_requests", "Requests proxied to instances, by response status.",
                                  ["deployment", "instance", "status"], registry=reg)
-        self._latency = Histogram("autodeploy_request_duration_seconds",
+        self._latency = WeightedHistogram("autodeploy_request_duration_seconds",
                                   "Time from the request reaching the gateway to the end of the response.",
                                   ["deployment", "instance"], buckets=LATENCY_BUCKETS, registry=reg)
         self._inflight = Gauge("autodeploy_requests_in_flight", "Requests being proxied now.",
@@ -78,10 +95,12 @@ class GatewayMetrics:
     def finished(self, deployment: str, instance: str) -> None:
         self._child(self._inflight, deployment, instance).dec()
 
-    def response(self, deployment: str, instance: str, status: int | None, elapsed: float | None) -> None:
-        self._child(self._requests, deployment, instance, str(status) if status is not None else "none").inc()
+    def response(self, deployment: str, instance: str, status: int | None, elapsed: float | None,
+                 weight: int = 1) -> None:
+        """One response, or `weight` alike ones (a sampled request log line)."""
+        self._child(self._requests, deployment, instance, str(status) if status is not None else "none").inc(weight)
         if elapsed is not None:
-            self._child(self._latency, deployment, instance).observe(elapsed)
+            self._child(self._latency, deployment, instance).observe_weighted(elapsed, weight)
 
     def set_in_flight(self, deployment: str, instance: str, count: int) -> None:
         """The haproxy data plane: in flight on an instance, as HAProxy counts it (`scur`)."""

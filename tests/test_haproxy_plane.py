@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
@@ -42,7 +43,7 @@ def _accepts(port: int) -> bool:
 
 
 class Rig:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, **settings) -> None:
         assert HAPROXY, "haproxy must be installed (apt-get install haproxy); CI installs it"
         self.procs: list[subprocess.Popen] = []
         self.ports: dict[str, int] = {}
@@ -54,7 +55,7 @@ class Rig:
         self.url = f"http://127.0.0.1:{self.port}"
         self.state = tmp / "state"
         self.settings = Settings(bind_host="127.0.0.1", bind_port=self.port, activator_host="127.0.0.1",
-                                 activator_port=self.ports["activator"], http_request_timeout_s=1.0)
+                                 activator_port=self.ports["activator"], http_request_timeout_s=1.0, **settings)
         self.plane = self.new_plane()
         self.plane.boot()
 
@@ -189,6 +190,44 @@ def test_request_log_reports_requests_errors_and_latency_per_instance(rig):
     assert report["instanca"] == {"d": "d", "n": 3, "e": 1}
 
 
+def test_request_log_samples_above_its_rate_and_its_weights_keep_the_counts(tmp_path):
+    """Above log_lines_per_s a deployment's successes are logged with probability 1/k and
+    weight k; errors are always logged, weight 1. The counts stay unbiased estimates."""
+    rig = Rig(tmp_path, log_lines_per_s=20)
+    try:
+        rig.plane.apply(rig.snapshot(2, d={"ready": rig.ready("instanca")}))
+        lines = []
+        feed = rig.plane.requests.feed
+        rig.plane.requests.feed = lambda line: (lines.append(line), feed(line))  # count what arrives
+        rig.plane.requests.take()
+        sent, errors = 1000, 0
+        with requests.Session() as http:
+            for i in range(sent):
+                failing = i % 50 == 0
+                r = http.get(rig.url + ("/d/d/status/503" if failing else "/d/d/x"), timeout=5)
+                assert r.status_code == (503 if failing else 200)
+                errors += failing
+        total = {"n": 0, "e": 0}
+
+        def logged() -> bool:
+            for v in rig.plane.requests.take().values():
+                total["n"] += v["n"]
+                total["e"] += v["e"]
+            return total["e"] >= errors and len(lines) >= 1 and lines[-1:] == lines[-1:]
+        wait_until(logged, "the error lines", 5, 0.05)
+        time.sleep(0.3)  # the last sampled lines of the burst
+        logged()
+        assert total["e"] == errors  # every error logged, weight 1
+        assert len(lines) < sent / 2, len(lines)  # sampled: far fewer lines than requests
+        assert any(line.split()[-1] not in ("1", "-") for line in lines)  # weights above 1 were carried
+        # An estimate of what was sent: its relative error shrinks as 1/sqrt(sampled lines),
+        # four of those (or 40%) are allowed, so a slow machine (fewer, lighter-weight lines) passes.
+        tolerance = max(0.4, 4 / (len(lines) - errors) ** 0.5)
+        assert abs(total["n"] - sent) < tolerance * sent, (total, len(lines))
+    finally:
+        rig.close()
+
+
 def test_adding_a_deployment_reloads_haproxy_without_a_failed_request(rig):
     rig.plane.apply(rig.snapshot(2, d={"ready": rig.ready("instanca")}))
     outcomes: Counter = Counter()
@@ -228,3 +267,33 @@ def test_a_new_data_plane_adopts_the_running_haproxy(rig):
     rig.plane.apply(rig.snapshot(1, d={"ready": rig.ready("instanca", "instancb")}))
     assert {requests.get(rig.url + "/d/d/x", timeout=5).headers["X-Instance"] for _ in range(4)} == \
         {"instanca", "instancb"}
+
+
+def test_a_weighted_log_line_counts_as_that_many_requests_in_the_metrics(tmp_path, monkeypatch):
+    from prometheus_client import generate_latest
+    from gateway.haproxy_runtime import RequestLog
+    from gateway.metrics import GatewayMetrics
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    metrics = GatewayMetrics()
+    log = RequestLog(str(tmp_path / "log.sock"), metrics)
+    try:
+        log.feed("AD1 be_d instanca 200 12 ---- 40")  # stands for 40 responses like it
+        log.feed("AD1 be_d instanca 503 3 ---- -")  # an error: always logged, weight 1
+        log.feed("AD1 be_d instanca 200 7 ----")  # a line without the field (an older HAProxy config)
+        assert log.take() == {"instanca": {"d": "d", "n": 42, "e": 1, "h": log_buckets({12: 40, 3: 1, 7: 1})}}
+        text = generate_latest(metrics.registry).decode()
+        assert 'autodeploy_requests_total{deployment="d",instance="instanca",status="200"} 41.0' in text
+        assert 'autodeploy_request_duration_seconds_count{deployment="d",instance="instanca"} 42.0' in text
+        assert 'autodeploy_request_duration_seconds_bucket{deployment="d",instance="instanca",le="0.025"} 42.0' in text
+        assert 'autodeploy_request_duration_seconds_bucket{deployment="d",instance="instanca",le="0.01"} 2.0' in text
+        assert 'autodeploy_request_duration_seconds_sum{deployment="d",instance="instanca"} 0.49' in text
+    finally:
+        log.close()
+
+
+def log_buckets(ms_counts: dict[int, int]) -> dict[int, int]:
+    from controller.latency import bucket_of
+    out: dict[int, int] = {}
+    for ms, n in ms_counts.items():
+        out[bucket_of(float(ms))] = out.get(bucket_of(float(ms)), 0) + n
+    return out
