@@ -213,7 +213,7 @@ def test_request_log_samples_above_its_rate_and_its_weights_keep_the_counts(tmp_
             for v in rig.plane.requests.take().values():
                 total["n"] += v["n"]
                 total["e"] += v["e"]
-            return total["e"] >= errors and len(lines) >= 1 and lines[-1:] == lines[-1:]
+            return total["e"] >= errors
         wait_until(logged, "the error lines", 5, 0.05)
         time.sleep(0.3)  # the last sampled lines of the burst
         logged()
