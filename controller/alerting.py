@@ -4,6 +4,11 @@ Called from the reconcile pass with the controller's lock held, at most once per
 `eval_s`. Firing and resolving are events (`alert-firing`, `alert-resolved`) and,
 for rules with `notify.webhook`, JSON POSTs handed to the background
 `controller.notify.WebhookSender` (a bounded queue: this never waits on the network).
+
+The states are saved in the store whenever one changes (before the webhooks are
+handed over) and loaded back by a restarted controller (`restore`): a rule firing
+before a restart is still firing after it, with its original times, so its
+"firing" webhook is not sent again and its "resolved" one is not lost.
 """
 from __future__ import annotations
 
@@ -15,8 +20,9 @@ from controller.coldstart import ColdStarts
 from controller.fleet import DepRuntime, Fleet
 from controller.latency import percentile
 from controller.notify import Delivery, WebhookSender
+from controller.store import AlertStateRow
 from controller.traffic import Traffic
-from controller.policy.alerts import (COLD_START_WINDOW_S, RESTARTS_WINDOW_S, RuleState, Signals, evaluate,
+from controller.policy.alerts import (COLD_START, COLD_START_WINDOW_S, RESTARTS_WINDOW_S, RuleState, Signals, evaluate,
                                       rule_key)
 
 log = logging.getLogger("autodeploy.alerts")
@@ -36,6 +42,25 @@ class Alerting:
         self.sender = sender or WebhookSender(on_result=self._delivered)
         self.states: dict[str, dict[tuple, RuleState]] = {}
         self.last_eval = 0.0
+        self.hold_until = 0.0  # `controller.policy.alerts.evaluate`: after a restart, no data is not "resolved"
+
+    def restore(self, now: float) -> None:
+        """Load the states saved before a restart; hold them while the signal windows refill."""
+        for name, rows in self.store.alert_states().items():
+            self.states[name] = {(r.metric, r.above, r.for_s, r.webhook): RuleState(r.state, r.since, r.above_since,
+                                                                                    r.value) for r in rows}
+        if self.states:
+            self.hold_until = now + max(self.traffic.window_s, COLD_START_WINDOW_S if any(
+                k[0] == COLD_START for st in self.states.values() for k in st) else 0.0)
+
+    def _save(self, name: str, old: dict[tuple, RuleState], new: dict[tuple, RuleState], now: float) -> None:
+        """Write `name`'s states when one changed (its value alone changing is not saved)."""
+        def shape(states: dict[tuple, RuleState]) -> dict[tuple, tuple]:
+            return {k: (st.state, st.since, st.above_since) for k, st in states.items()}
+        if shape(old) == shape(new):
+            return
+        self.store.save_alert_states(name, [AlertStateRow(k[0], k[1], k[2], k[3], st.state, st.since, st.above_since,
+                                                          st.value) for k, st in new.items()], at=now)
 
     def signals(self, rt: DepRuntime, now: float) -> Signals:
         name = rt.spec.name
@@ -56,14 +81,15 @@ class Alerting:
             return
         self.last_eval = now
         for name in [n for n in self.states if n not in self.fleet.deps]:
-            del self.states[name]
+            self._save(name, self.states.pop(name), {}, now)
         for name, rt in self.fleet.deps.items():
             prev = self.states.get(name, {})
             if not rt.spec.alerts and not prev:
                 continue
             rules = () if rt.removed else rt.spec.alerts
-            states, transitions = evaluate(rules, self.signals(rt, now), prev, now)
+            states, transitions = evaluate(rules, self.signals(rt, now), prev, now, self.hold_until)
             self.states[name] = states
+            self._save(name, prev, states, now)
             for t in transitions:
                 self.fleet.event(name, f"alert-{t.kind}", t.message)
                 if t.rule.webhook:

@@ -36,6 +36,7 @@ log = logging.getLogger("autodeploy.controller")
 
 WORKER_STALE_S = 3.0  # a worker that has not synced for this long is gone (gunicorn restarts it)
 DRAIN_TIMEOUT_S = 30.0  # an instance being released stops after this even with requests in flight
+HISTORY_SAVE_S = 5.0  # the dashboard's chart minutes are saved in the store this often (a restart keeps them)
 
 __all__ = ["Controller", "DepRuntime", "Rec", "WorkerView", "drain_timeout_s"]
 
@@ -84,6 +85,10 @@ class Controller:
         if getattr(driver, "nodes", None) is not None:
             self.fleet.placer = lambda spec: place_instance(self.fleet, self.node_watch, spec)
         self.alerts = Alerting(self.fleet, self.traffic, self.coldstarts)  # spec.alerts, evaluated in tick
+        # What a restart must not forget: firing alerts and the charts' last hour (controller.store).
+        self.alerts.restore(clock())
+        self.traffic.restore_minutes(store.minutes())
+        self._history_saved = clock()
 
     @property
     def deps(self) -> dict[str, DepRuntime]:
@@ -275,6 +280,9 @@ class Controller:
                 self._reconcile(self.deps[name], inflight, now)
             self.autoscaler.step(inflight, now)
             self.alerts.step(now)
+            if now - self._history_saved >= HISTORY_SAVE_S:
+                self._history_saved = now
+                self.store.save_minutes(self.traffic.unsaved_minutes())
             self.coldstarts.expire(now)
             self.traffic.forget({i for rt in self.deps.values() for i in rt.instances}, set(self.deps))
             self.coldstarts.forget({i for rt in self.deps.values() for i in rt.instances}, set(self.deps), now)
@@ -549,6 +557,8 @@ class Controller:
         """Stop every instance this controller started (in parallel) and wake every waiter."""
         self.fleet.shutdown()
         self.alerts.close()
+        with self.fleet:
+            self.store.save_minutes(self.traffic.unsaved_minutes())
 
     def first_byte(self, instance_id: str, at: float) -> bool:
         """The gateway got the first response byte for a request that waited on this instance's start."""

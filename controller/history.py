@@ -2,7 +2,9 @@
 
 Fed by the same worker reports as the 60 s windows (`controller.traffic`): each
 minute keeps its request count, errors and merged latency histogram, so a minute's
-p50/p95/p99 are exact over every gateway worker. Pure data: `now` is an argument.
+p50/p95/p99 are exact over every gateway worker. Pure data: `now` is an argument. The
+controller saves the minutes in its store every few seconds and restores them on
+start (`controller.store.Store.save_minutes`), so a restart does not blank the charts.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ class MinuteSeries:
         self.minutes = minutes
         self._slots: deque[Slot] = deque()
 
-    def add(self, now: float, count: int, errors: int, hist: Mapping[int | str, int]) -> None:
+    def add(self, now: float, count: int, errors: int, hist: Mapping[int | str, int]) -> int:
+        """Count a report into its minute; returns the minute (unix seconds // 60) it went into."""
         minute = int(now // 60)
         if not self._slots or self._slots[-1].second < minute:
             self._slots.append(Slot(minute))
@@ -29,6 +32,27 @@ class MinuteSeries:
         slot.errors += int(errors)
         add_hist(slot.hist, hist)
         while self._slots and self._slots[0].second <= minute - self.minutes:
+            self._slots.popleft()
+        return slot.second
+
+    def slot(self, minute: int) -> Slot | None:
+        return next((s for s in reversed(self._slots) if s.second == minute), None)
+
+    def restore(self, slots: list[Slot]) -> None:
+        """Minutes saved before a restart (`controller.store.Store.minutes`). A minute also
+        counted since the restart holds only the reports after it: the two are added."""
+        by_minute = {s.second: s for s in self._slots}
+        for saved in slots:
+            mine = by_minute.get(saved.second)
+            if mine is None:
+                by_minute[saved.second] = Slot(saved.second, saved.count, saved.errors, dict(saved.hist))
+            else:
+                mine.count += saved.count
+                mine.errors += saved.errors
+                add_hist(mine.hist, saved.hist)
+        self._slots = deque(by_minute[m] for m in sorted(by_minute))
+        newest = self._slots[-1].second if self._slots else 0
+        while self._slots and self._slots[0].second <= newest - self.minutes:
             self._slots.popleft()
 
     def samples(self, now: float) -> list[dict[str, Any]]:

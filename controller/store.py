@@ -1,4 +1,5 @@
-"""SQLite (WAL) state: instances, events, the cost ledger and applied revisions.
+"""SQLite (WAL) state: instances, events, the cost ledger, applied revisions, alert
+states and the dashboard's chart history (what a restarted controller must not forget).
 
 Only the controller writes; the CLI and tests may read. One connection guarded by a
 lock is plenty for the controller's write rate (a few rows per instance lifetime).
@@ -42,7 +43,27 @@ CREATE TABLE IF NOT EXISTS revisions (
 CREATE TABLE IF NOT EXISTS overrides (
   deployment TEXT PRIMARY KEY, base TEXT NOT NULL, data TEXT NOT NULL, at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS alert_states (
+  deployment TEXT NOT NULL, metric TEXT NOT NULL, above REAL NOT NULL, for_s REAL NOT NULL,
+  webhook TEXT NOT NULL DEFAULT '', state TEXT NOT NULL, since REAL, above_since REAL, value REAL,
+  saved_at REAL NOT NULL, PRIMARY KEY (deployment, metric, above, for_s, webhook)
+);
+CREATE TABLE IF NOT EXISTS minute_samples (
+  deployment TEXT NOT NULL, minute INTEGER NOT NULL, requests INTEGER NOT NULL, errors INTEGER NOT NULL,
+  hist TEXT NOT NULL, PRIMARY KEY (deployment, minute)
+);
 """
+# Tables added after the first release (alert_states, minute_samples) need no migration
+# step: CREATE TABLE IF NOT EXISTS above adds them to an older database on open.
+
+# Retention of the dashboard's chart history: a deployment keeps its newest
+# HISTORY_MINUTES minutes (the charts show the last hour), and the table holds at most
+# HISTORY_ROWS_MAX rows in all (the oldest minutes go first).
+HISTORY_MINUTES = 60
+HISTORY_ROWS_MAX = 20_000
+# Alert states: one row per rule of a deployment; at most ALERT_ROWS_MAX rows are kept
+# for one deployment (a spec has far fewer rules).
+ALERT_ROWS_MAX = 200
 
 
 @dataclass(frozen=True)
@@ -95,6 +116,29 @@ class RevisionRow:
     source_file: str
     content: dict
     commit: Commit | None = None
+
+
+@dataclass(frozen=True)
+class AlertStateRow:
+    """One alert rule's state (`controller.policy.alerts.RuleState`) keyed by its rule identity."""
+    metric: str
+    above: float
+    for_s: float
+    webhook: str | None
+    state: str
+    since: float | None
+    above_since: float | None
+    value: float | None
+
+
+@dataclass(frozen=True)
+class MinuteRow:
+    """One minute of a deployment's traffic (`controller.history.MinuteSeries`)."""
+    deployment: str
+    minute: int  # unix seconds // 60
+    requests: int
+    errors: int
+    hist: dict
 
 
 class Store:
@@ -332,12 +376,56 @@ class Store:
     def clear_override(self, deployment: str) -> None:
         self._exec("DELETE FROM overrides WHERE deployment=?", (deployment,))
 
+    # alert states and chart history: what a restarted controller picks up ------
+    def save_alert_states(self, deployment: str, rows: list[AlertStateRow], at: float | None = None) -> None:
+        """Replace `deployment`'s alert states with `rows` (empty: it has none), in one transaction."""
+        rows = rows[:ALERT_ROWS_MAX]
+        with self._tx() as db:
+            db.execute("DELETE FROM alert_states WHERE deployment=?", (deployment,))
+            db.executemany(
+                "INSERT OR REPLACE INTO alert_states (deployment, metric, above, for_s, webhook, state, since,"
+                " above_since, value, saved_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                [(deployment, r.metric, r.above, r.for_s, r.webhook or "", r.state, r.since, r.above_since, r.value,
+                  time.time() if at is None else at) for r in rows])
+
+    def alert_states(self) -> dict[str, list[AlertStateRow]]:
+        rows = self._query("SELECT deployment, metric, above, for_s, webhook, state, since, above_since, value"
+                           " FROM alert_states ORDER BY deployment, metric, above")
+        out: dict[str, list[AlertStateRow]] = {}
+        for r in rows:
+            out.setdefault(r["deployment"], []).append(AlertStateRow(
+                metric=r["metric"], above=r["above"], for_s=r["for_s"], webhook=r["webhook"] or None,
+                state=r["state"], since=r["since"], above_since=r["above_since"], value=r["value"]))
+        return out
+
+    def save_minutes(self, rows: list[MinuteRow]) -> None:
+        """Upsert minutes of chart history, then apply the retention (module docstring: HISTORY_*)."""
+        if not rows:
+            return
+        with self._tx() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO minute_samples (deployment, minute, requests, errors, hist)"
+                " VALUES (?,?,?,?,?)",
+                [(r.deployment, r.minute, r.requests, r.errors, json.dumps(r.hist)) for r in rows])
+            for dep in {r.deployment for r in rows}:
+                db.execute("DELETE FROM minute_samples WHERE deployment=? AND minute <= "
+                           "(SELECT MAX(minute) FROM minute_samples WHERE deployment=?) - ?",
+                           (dep, dep, HISTORY_MINUTES))
+            db.execute("DELETE FROM minute_samples WHERE rowid IN (SELECT rowid FROM minute_samples"
+                       " ORDER BY minute DESC LIMIT -1 OFFSET ?)", (HISTORY_ROWS_MAX,))
+
+    def minutes(self) -> list[MinuteRow]:
+        rows = self._query("SELECT deployment, minute, requests, errors, hist FROM minute_samples"
+                           " ORDER BY deployment, minute")
+        return [MinuteRow(deployment=r["deployment"], minute=r["minute"], requests=r["requests"], errors=r["errors"],
+                          hist=json.loads(r["hist"])) for r in rows]
+
     def forget(self, deployment: str) -> None:
         """Delete a deployment's stored state (after `autodeploy delete`)."""
         with self._tx() as db:
             # The audit trail (who did what, controller.auth) outlives what it audits.
             db.execute("DELETE FROM events WHERE deployment=? AND kind != 'audit'", (deployment,))
-            for table in ("revisions", "ledger", "instances"):
+            for table in ("revisions", "ledger", "instances", "alert_states", "minute_samples"):
                 db.execute(f"DELETE FROM {table} WHERE deployment=?", (deployment,))
 
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from controller.history import MinuteSeries
-from controller.latency import SlidingWindow
+from controller.latency import SlidingWindow, Slot
+from controller.store import MinuteRow
 
 WINDOW_S = 60.0
 
@@ -45,6 +46,7 @@ class Traffic:
         self.requests_total: dict[str, int] = {}
         self.usage: dict[str, Usage] = {}
         self.minutes: dict[str, MinuteSeries] = {}  # an hour of per-minute samples, for the dashboard
+        self._unsaved: set[tuple[str, int]] = set()  # (deployment, minute) changed since `unsaved_minutes`
 
     def observe(self, now: float, report: Mapping[str, Mapping[str, Any]]) -> None:
         """One worker's report: instance id -> {"d": deployment, "n": count, "e": errors, "h": histogram}."""
@@ -57,7 +59,29 @@ class Traffic:
             if dep:
                 self.by_deployment.setdefault(dep, SlidingWindow(self.window_s, now)).add(now, n, e, hist)
                 self.requests_total[dep] = self.requests_total.get(dep, 0) + n
-                self.minutes.setdefault(dep, MinuteSeries()).add(now, n, e, hist)
+                minute = self.minutes.setdefault(dep, MinuteSeries()).add(now, n, e, hist)
+                self._unsaved.add((dep, minute))
+
+    def unsaved_minutes(self) -> list[MinuteRow]:
+        """The chart minutes changed since the last call, for the store (the controller saves
+        them every few seconds, so a restart keeps the charts)."""
+        rows = []
+        for dep, minute in sorted(self._unsaved):
+            series = self.minutes.get(dep)
+            slot = series.slot(minute) if series else None
+            if slot is not None:
+                rows.append(MinuteRow(dep, minute, slot.count, slot.errors, {str(k): v for k, v in slot.hist.items()}))
+        self._unsaved.clear()
+        return rows
+
+    def restore_minutes(self, rows: list[MinuteRow]) -> None:
+        """Chart history saved before a restart."""
+        by_dep: dict[str, list[Slot]] = {}
+        for r in rows:
+            by_dep.setdefault(r.deployment, []).append(
+                Slot(r.minute, r.requests, r.errors, {int(k): int(v) for k, v in r.hist.items()}))
+        for dep, slots in by_dep.items():
+            self.minutes.setdefault(dep, MinuteSeries()).restore(slots)
 
     def set_usage(self, instance_id: str, usage: Usage) -> None:
         self.usage[instance_id] = usage

@@ -123,3 +123,21 @@ def test_a_start_cut_short_by_a_stop_is_recorded_as_cancelled_and_forgotten():
     assert cs.slowest_since("dep", 0) is None  # not a cold-start time
     cs.forget(set(), set(), now=2.0)
     assert cs.recent_of("dep", 2.0) == [] and cs.histograms()["series"] == []
+
+
+def test_chart_minutes_saved_in_the_store_come_back_after_a_restart(tmp_path):
+    from controller.store import Store
+    from controller.traffic import Traffic
+    store = Store(tmp_path / "autodeploy.db")
+    before = Traffic()
+    t0 = 60 * 1000.0
+    before.observe(t0 + 5, {"i1": {"d": "web", "n": 10, "e": 2, "h": {"20": 10}}})
+    before.observe(t0 + 65, {"i1": {"d": "web", "n": 4, "e": 0, "h": {"30": 4}}})
+    store.save_minutes(before.unsaved_minutes())
+    assert before.unsaved_minutes() == []  # saved once
+    after = Traffic()  # the restarted controller
+    after.observe(t0 + 70, {"i2": {"d": "web", "n": 1, "e": 0, "h": {"30": 1}}})
+    after.restore_minutes(store.minutes())
+    points = {p["t"]: p for p in after.history("web", t0 + 80) if p["requests"]}
+    assert points[t0]["requests"] == 10 and points[t0]["errors"] == 2 and points[t0]["p50"] is not None
+    assert points[t0 + 60]["requests"] == 5  # a minute counted on both sides of the restart adds up

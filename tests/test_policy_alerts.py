@@ -109,3 +109,19 @@ def test_bad_alert_rules_are_reported_with_file_and_line():
     assert "d.yaml:18: spec.alerts[3].notify.webhook must be an http:// or https:// URL" in text
     assert "d.yaml:19: spec.alerts[4] is missing the required key 'above'" in text
     assert len(result.errors) == 5
+
+
+def test_after_a_restart_no_data_holds_a_firing_rule_until_the_hold_ends():
+    states, seen = run(RULE, [(0, Signals(error_rate_pct=80.0)), (30, Signals(error_rate_pct=80.0))])
+    assert seen == [(30, "firing")]
+    # The controller restarted at 100: its windows are empty until 160.
+    held, transitions = evaluate([RULE], Signals(error_rate_pct=None), states, 101.0, hold_until=160.0)
+    assert transitions == [] and held[rule_key(RULE)] == states[rule_key(RULE)]  # since, above_since kept
+    still, transitions = evaluate([RULE], Signals(error_rate_pct=90.0), held, 102.0, hold_until=160.0)
+    assert transitions == [] and still[rule_key(RULE)].since == 30 and still[rule_key(RULE)].value == 90.0
+    calm, transitions = evaluate([RULE], Signals(error_rate_pct=1.0), still, 103.0, hold_until=160.0)
+    assert [t.kind for t in transitions] == ["resolved"]  # a measured value is judged at once
+    _, transitions = evaluate([RULE], Signals(error_rate_pct=None), held, 160.0, hold_until=160.0)
+    assert [t.kind for t in transitions] == ["resolved"]  # the hold is over: no data resolves again
+    fresh, transitions = evaluate([RULE], Signals(error_rate_pct=None), {}, 101.0, hold_until=160.0)
+    assert transitions == [] and fresh[rule_key(RULE)].state == "ok"  # nothing to hold

@@ -106,3 +106,44 @@ def test_a_revision_is_recorded_while_another_connection_writes(tmp_path):
     threading.Timer(0.3, lambda: other.execute("COMMIT")).start()
     assert store.record_revision("hello", "r1", "hello.yaml", {"a": 1}) == 1
     assert store.record_revision("hello", "r2", "hello.yaml", {"a": 2}) == 2
+
+
+def test_alert_states_round_trip_and_replace_per_deployment(tmp_path):
+    from controller.store import AlertStateRow
+    store = make(tmp_path)
+    firing = AlertStateRow("errorRate", 50.0, 2.0, "http://127.0.0.1:9/h", "firing", 12.5, 10.0, 80.0)
+    pending = AlertStateRow("p95LatencyMs", 200.0, 60.0, None, "pending", 11.0, 11.0, 250.0)
+    store.save_alert_states("a", [firing, pending], at=13.0)
+    store.save_alert_states("b", [pending], at=13.0)
+    assert make(tmp_path).alert_states() == {"a": [firing, pending], "b": [pending]}  # another connection
+    store.save_alert_states("a", [], at=14.0)
+    assert store.alert_states() == {"b": [pending]}
+    store.forget("b")
+    assert store.alert_states() == {}
+
+
+def test_alert_state_save_that_fails_rolls_back(tmp_path):
+    import pytest
+    from controller.store import AlertStateRow
+    store = make(tmp_path)
+    row = AlertStateRow("errorRate", 50.0, 2.0, None, "firing", 1.0, 1.0, 60.0)
+    store.save_alert_states("a", [row])
+    with pytest.raises(sqlite3.Error):
+        store.save_alert_states("a", [row, AlertStateRow("errorRate", 5.0, 2.0, None, None, 1.0, 1.0, 6.0)])
+    assert store.alert_states() == {"a": [row]}  # the DELETE of the failed save was rolled back
+
+
+def test_chart_minutes_round_trip_keep_an_hour_per_deployment_and_a_total_cap(tmp_path, monkeypatch):
+    from controller import store as store_mod
+    from controller.store import HISTORY_MINUTES, MinuteRow
+    store = make(tmp_path)
+    store.save_minutes([MinuteRow("a", m, 10, 1, {"3": 10}) for m in range(1000, 1000 + HISTORY_MINUTES + 5)])
+    rows = make(tmp_path).minutes()
+    assert [r.minute for r in rows] == list(range(1005, 1000 + HISTORY_MINUTES + 5))  # the newest hour
+    assert rows[0] == MinuteRow("a", 1005, 10, 1, {"3": 10})
+    monkeypatch.setattr(store_mod, "HISTORY_ROWS_MAX", 70)
+    store.save_minutes([MinuteRow("b", m, 1, 0, {}) for m in range(1050, 1070)])
+    rows = store.minutes()
+    assert len(rows) == 70 and min(r.minute for r in rows) == 1015  # the oldest minutes went first
+    store.forget("b")
+    assert {r.deployment for r in store.minutes()} == {"a"}

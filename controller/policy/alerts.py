@@ -6,6 +6,11 @@ metric is at or under `above`; the first evaluation above makes it `pending`; it
 `pending since + for`), like a Prometheus alerting rule. Any evaluation at or under
 the threshold (or with no value: no requests in the window) clears `pending` and
 resolves a firing rule. A rule removed from the spec while firing resolves.
+
+After a controller restart the states come back from the store, but the windows the
+signals come from start empty: until `hold_until` a rule that is pending or firing
+keeps its state while its metric has no value, rather than resolving on "no data"
+(then re-firing, with a second webhook) only because nothing was measured yet.
 """
 from __future__ import annotations
 
@@ -79,8 +84,9 @@ def show(metric: str, value: float | None) -> str:
 
 
 def evaluate(rules: Iterable[AlertRule], signals: Signals, states: Mapping[tuple, RuleState],
-             now: float) -> tuple[dict[tuple, RuleState], list[Transition]]:
-    """New states (keyed by `rule_key`) and the firing / resolving transitions of this evaluation."""
+             now: float, hold_until: float = 0.0) -> tuple[dict[tuple, RuleState], list[Transition]]:
+    """New states (keyed by `rule_key`) and the firing / resolving transitions of this evaluation.
+    `hold_until`: before it, a rule without a value keeps a pending or firing state (module docstring)."""
     out: dict[tuple, RuleState] = {}
     transitions: list[Transition] = []
     rules = list(rules)
@@ -89,6 +95,9 @@ def evaluate(rules: Iterable[AlertRule], signals: Signals, states: Mapping[tuple
         prev = states.get(key, RuleState())
         value = signals.value(rule.metric)
         above = value is not None and value > rule.above
+        if value is None and now < hold_until and prev.state != "ok":
+            out[key] = prev
+            continue
         if above:
             started = prev.above_since if prev.state != "ok" and prev.above_since is not None else now
             if prev.state == "firing":
