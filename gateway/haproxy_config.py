@@ -39,7 +39,6 @@ LOG_TAG = "AD1"  # request log lines start with it; HAProxy's own notices do not
 # line carries the weight k, so counts and latency histograms stay unbiased estimates.
 # Responses with status >= 500 and HAProxy's own error answers are always logged, weight 1.
 LOG_LINES_PER_S = 200
-RATES_TABLE = "st_log_rates"  # one entry per deployment: its responses per second
 DEPLOYMENT_HEADER = "Deploy-Deployment"  # names an h2c/gRPC deployment when the path cannot (gRPC metadata)
 BASE_WEIGHT = 100  # consistent hashing is coarse at weight 1 (DESIGN.md)
 MAX_WEIGHT = 256
@@ -370,10 +369,6 @@ def render(settings: Settings, backends: Iterable[Backend],
     for b in backends:
         w("")
         _backend(w, s, b, servers.get(b.name, ()))
-    if s.log_path and backends:
-        w("")
-        w(f"backend {RATES_TABLE}")
-        w(f"    stick-table type string len 64 size {max(100, 2 * len(backends))} expire 10s store http_req_rate(1s)")
     w("")
     w(f"backend {ACTIVATOR}")
     w("    http-request set-log-level silent")  # the activator reports its own metrics
@@ -455,8 +450,9 @@ def _log_sampling(w, s: Settings, b: Backend) -> None:
     """k = ceil(responses/s of this deployment / log_lines_per_s); a response under 500 is
     logged with probability 1/k and weight k (LOG_LINES_PER_S)."""
     t = max(1, int(s.log_lines_per_s))
-    w(f"    http-request track-sc2 str({b.name}) table {RATES_TABLE}")
-    w(f"    http-response set-var(txn.logw) sc_http_req_rate(2),add({t - 1}),div({t}) if {{ status lt 500 }}")
+    # be_sess_rate: this backend's streams (one per HTTP request) in the last second, a
+    # counter HAProxy keeps anyway; a stick table tracked per request cost more.
+    w(f"    http-response set-var(txn.logw) be_sess_rate,add({t - 1}),div({t}) if {{ status lt 500 }}")
     w("    http-response set-log-level silent if { var(txn.logw) -m int gt 1 } !{ rand(1000000),mod(txn.logw) eq 0 }")
 
 

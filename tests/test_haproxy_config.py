@@ -128,3 +128,15 @@ def test_rendered_config_with_every_feature_passes_haproxys_own_check(tmp_path):
     cfg.write_text(render(settings(tmp_path, trusted_proxies=("10.0.0.0/8", "192.168.1.1")), backends, servers))
     res = subprocess.run([HAPROXY, "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=30)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_the_request_log_is_sampled_per_deployment_above_its_line_rate_and_errors_always_logged(tmp_path):
+    text = render(settings(tmp_path, log_lines_per_s=50), [Backend("a"), Backend("b")])
+    assert 'log-format "AD1 %b %s %ST %Ta %tsc %[var(txn.logw)]"' in text  # the weight rides on each line
+    for name in ("a", "b"):
+        be = section(text, f"be_{name}")
+        # k = ceil(this backend's requests per second / 50), for responses under 500 only
+        assert "http-response set-var(txn.logw) be_sess_rate,add(49),div(50) if { status lt 500 }" in be
+        assert ("http-response set-log-level silent if { var(txn.logw) -m int gt 1 } "
+                "!{ rand(1000000),mod(txn.logw) eq 0 }") in be
+    assert "set-var(txn.logw)" not in render(replace(settings(tmp_path), log_path=""), [Backend("a")])  # no log
