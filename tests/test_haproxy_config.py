@@ -16,6 +16,7 @@ from controller.errors import AutoDeployError
 from gateway.haproxy_config import (BASE_WEIGHT, Backend, Health, Server, Settings, backend_of, render,
                                     server_options, server_weights)
 from gateway.haproxy_plane import choose_data_plane, find_haproxy
+from conftest import wait_until
 
 HAPROXY = find_haproxy()
 
@@ -140,3 +141,38 @@ def test_the_request_log_is_sampled_per_deployment_above_its_line_rate_and_error
         assert ("http-response set-log-level silent if { var(txn.logw) -m int gt 1 } "
                 "!{ rand(1000000),mod(txn.logw) eq 0 }") in be
     assert "set-var(txn.logw)" not in render(replace(settings(tmp_path), log_path=""), [Backend("a")])  # no log
+
+
+def test_a_second_haproxy_on_the_same_port_fails_instead_of_sharing_its_connections(tmp_path):
+    """Without `noreuseport` HAProxy binds with SO_REUSEPORT, and a second one on the same
+    port would silently take a share of the first one's clients."""
+    from controller.drivers.local import free_port
+    port = free_port()
+    procs = []
+    try:
+        for name in ("a", "b"):
+            d = tmp_path / name
+            d.mkdir()
+            (d / "rev.map").write_text("")
+            cfg = d / "h.cfg"
+            cfg.write_text(render(replace(settings(d), bind_port=port, log_path=""), [Backend("x")]))
+            procs.append(subprocess.Popen([HAPROXY, "-f", str(cfg)], stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))
+            if name == "a":
+                wait_until(lambda: _accepts(port), "the first HAProxy listening", 10)
+        out, _ = procs[1].communicate(timeout=30)
+        assert procs[1].returncode != 0 and "Address already in use" in out, out
+        assert procs[0].poll() is None
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def _accepts(port: int) -> bool:
+    import socket
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
