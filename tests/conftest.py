@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -56,6 +57,15 @@ def wait_until(predicate, what: str, timeout: float = 20.0, interval: float = 0.
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def accepts(port: int, host: str = "127.0.0.1") -> bool:
+    """Something listens on host:port (a connect succeeds)."""
+    try:
+        socket.create_connection((host, port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
 
 
 def admin_token(state_dir: Path) -> str | None:

@@ -16,7 +16,7 @@ from controller.errors import AutoDeployError
 from gateway.haproxy_config import (BASE_WEIGHT, Backend, Health, Server, Settings, backend_of, render,
                                     server_options, server_weights)
 from gateway.haproxy_plane import choose_data_plane, find_haproxy
-from conftest import wait_until
+from conftest import accepts, wait_until
 
 HAPROXY = find_haproxy()
 
@@ -159,7 +159,7 @@ def test_a_second_haproxy_on_the_same_port_fails_instead_of_sharing_its_connecti
             procs.append(subprocess.Popen([HAPROXY, "-f", str(cfg)], stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, text=True))
             if name == "a":
-                wait_until(lambda: _accepts(port), "the first HAProxy listening", 10)
+                wait_until(lambda: accepts(port), "the first HAProxy listening", 10)
         out, _ = procs[1].communicate(timeout=30)
         assert procs[1].returncode != 0 and "Address already in use" in out, out
         assert procs[0].poll() is None
@@ -168,11 +168,3 @@ def test_a_second_haproxy_on_the_same_port_fails_instead_of_sharing_its_connecti
             p.kill()
             p.wait()
 
-
-def _accepts(port: int) -> bool:
-    import socket
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-        return True
-    except OSError:
-        return False

@@ -20,7 +20,7 @@ from controller.contracts import Snapshot, SyncReply
 from controller.drivers.local import free_port
 from gateway.haproxy_config import Settings
 from gateway.haproxy_plane import HaproxyDataPlane, find_haproxy
-from conftest import ECHO_MODEL, PY, wait_until
+from conftest import ECHO_MODEL, PY, accepts, wait_until
 
 HAPROXY = find_haproxy()
 
@@ -30,16 +30,8 @@ def _echo(instance_id: str) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen([PY, str(ECHO_MODEL), "--port", str(port)],
                             env=dict(os.environ, AUTODEPLOY_INSTANCE_ID=instance_id),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_until(lambda: _accepts(port), f"echo {instance_id} listening", 10)
+    wait_until(lambda: accepts(port), f"echo {instance_id} listening", 10)
     return proc, port
-
-
-def _accepts(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-        return True
-    except OSError:
-        return False
 
 
 class Rig:
