@@ -13,6 +13,7 @@ import os
 import socket
 import socketserver
 import threading
+import time
 from typing import Any, Callable
 
 from controller import errors
@@ -25,6 +26,7 @@ from controller.errors import AutoDeployError
 log = logging.getLogger("autodeploy.ipc")
 
 CALL_TIMEOUT_S = 30.0  # the read deadline of a call that does not wait on purpose (AUTODEPLOY_IPC_TIMEOUT)
+MAX_LINE = 16 * 1024 * 1024  # one request line; a sync with thousands of instances' metrics is ~1 MB
 WAIT_MARGIN_S = 5.0  # added to a call's own wait (acquire's timeout, sync's long poll, a git sync)
 
 # handler(request, builtin) -> reply; may wrap the built-in op (controller.auth.AuthService.handlers)
@@ -41,19 +43,45 @@ class _Handler(socketserver.StreamRequestHandler):
             return  # a gateway worker went away (restart or shutdown)
 
     def _serve_lines(self) -> None:
-        for line in self.rfile:
+        while True:
+            line = self.rfile.readline(MAX_LINE + 1)
+            if not line:
+                return
+            if len(line) > MAX_LINE:  # the rest of it cannot be told from a next request: answer, hang up
+                self._send(encode_error(AutoDeployError(
+                    errors.BAD_REQUEST, f"IPC message longer than {MAX_LINE} bytes")))
+                self._linger()
+                return
             try:
                 reply = encode(self.server.dispatch(decode(line)))
             except AutoDeployError as exc:
                 reply = encode_error(exc)
             except (ValueError, KeyError, TypeError) as exc:  # a handler's own slip: still a coded answer
                 reply = encode_error(AutoDeployError(errors.BAD_REQUEST, f"bad IPC message: {exc}"))
-            try:
-                # The redactor re-dumps a line it masks: the newline is added after it.
-                self.wfile.write(self.server.redact(reply[:-1].decode()).encode() + b"\n")
-                self.wfile.flush()
-            except (BrokenPipeError, ConnectionResetError):
+            if not self._send(reply):
                 return
+
+    def _linger(self, seconds: float = 1.0) -> None:
+        """Close after the answer is read: unread input at close would reset the connection
+        and lose the answer. Reading what follows is bounded by `seconds`."""
+        sock = self.connection
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(seconds)
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline and sock.recv(65536):
+                pass
+        except OSError:
+            pass
+
+    def _send(self, reply: bytes) -> bool:
+        try:
+            # The redactor re-dumps a line it masks: the newline is added after it.
+            self.wfile.write(self.server.redact(reply[:-1].decode()).encode() + b"\n")
+            self.wfile.flush()
+            return True
+        except (BrokenPipeError, ConnectionResetError):
+            return False
 
 
 class IpcServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):

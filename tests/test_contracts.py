@@ -198,6 +198,25 @@ def test_garbage_on_the_socket_gets_a_coded_answer_and_the_connection_goes_on(se
         assert "deployments" in json.loads(rfile.readline())["status"]
 
 
+def test_an_endless_line_gets_a_coded_answer_and_the_connection_is_closed(served, monkeypatch):
+    import controller.ipc
+    monkeypatch.setattr(controller.ipc, "MAX_LINE", 4096)
+    _h, _server, path = served
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(path)
+        sock.sendall(b'{"op": "status", "name": "' + b"x" * 10_000)  # no end in sight
+        rfile = sock.makefile("rb")
+        answer = json.loads(rfile.readline())
+        assert answer["error"]["code"] == errors.BAD_REQUEST.code and "4096 bytes" in answer["error"]["msg"], answer
+        assert rfile.readline() == b""  # hung up: the rest of that line is not read as requests
+    client = IpcClient(path, call_timeout=10)  # others are served as before
+    try:
+        assert "deployments" in client.request(Status()).status
+    finally:
+        client.close()
+
+
 def test_a_masked_reply_still_ends_its_line(served):
     """serve masks secret values in every reply (Redactor.json_text re-dumps the JSON):
     the reply must still arrive as one line, or the gateway would wait for its deadline."""
