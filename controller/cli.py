@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int({**COMMANDS, **cli_ops.COMMANDS, **cli_auth.COMMANDS, **cli_view.COMMANDS}[args.command](args) or 0)
     except AutoDeployError as exc:
-        print(f"error {exc.error.code}: {exc.message}", file=sys.stderr)
+        print(f"error {exc.error.code}: {exc.operator_message}", file=sys.stderr)
         return 1
 
 

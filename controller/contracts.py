@@ -334,7 +334,7 @@ def encode(msg: Any) -> bytes:
 
 def encode_error(exc: AutoDeployError) -> bytes:
     """An error reply: the coded error and its Retry-After; `decode` of a reply raises it again."""
-    return json.dumps({"error": exc.to_json(), "retry_after": exc.retry_after},
+    return json.dumps({"error": exc.to_json(private=True), "retry_after": exc.retry_after},
                       separators=(",", ":")).encode() + b"\n"
 
 

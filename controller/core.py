@@ -165,10 +165,10 @@ class Controller:
             decision = decide_acquire(rule, self._capacity(rt, exclude_self=True), self.clock())
             if decision.action == "reject":
                 assert decision.error is not None
-                detail = decision.reason
+                private = None
                 if decision.error is errors.INSTANCE_START_FAILED and rt.last_error:
-                    detail = f"{decision.reason}; last failure: {rt.last_error}"
-                raise AutoDeployError(decision.error, detail, decision.retry_after)
+                    private = f"last failure: {rt.last_error}"  # may hold a log tail: operators only
+                raise AutoDeployError(decision.error, decision.reason, decision.retry_after, private)
             if decision.action == "start":
                 rec = fleet.start(rt, decision.reason, queued_since=arrived)
             elif decision.action == "revive":

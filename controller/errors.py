@@ -133,36 +133,50 @@ TUNNEL_UNSUPPORTED = ErrorCode(1072, 501, "this gateway server cannot hand over 
                                "WebSocket needs the gunicorn gateway of `autodeploy serve` (it hands the "
                                "client socket to the tunnel); use it or the haproxy data plane.")
 
-# Where an error's detail turns into an instance's log lines: endpoint clients get the text
-# before it (gateway.app.public_error), the authenticated API and the events all of it.
-PRIVATE_DETAIL_MARKERS = ("last log lines:", "last failure:")
-
 ALL: tuple[ErrorCode, ...] = tuple(v for v in list(globals().values()) if isinstance(v, ErrorCode))
 BY_CODE: dict[int, ErrorCode] = {e.code: e for e in ALL}
 
 
 class AutoDeployError(Exception):
-    """An error with a code from the table; `detail` extends the message."""
+    """An error with a code from the table; `detail` extends the message.
 
-    def __init__(self, error: ErrorCode, detail: str = "", retry_after: float | None = None) -> None:
+    `private_detail` is operator-only text (an instance's log tail, the last failure):
+    the operator API, the CLI, the dashboard and the events show it after the message;
+    endpoint clients (/d/<name>/...) never get it (gateway.app.public_error)."""
+
+    def __init__(self, error: ErrorCode, detail: str = "", retry_after: float | None = None,
+                 private_detail: str | None = None) -> None:
         self.error = error
         self.detail = detail
         self.retry_after = retry_after
-        super().__init__(self.message)
+        self.private_detail = private_detail or None
+        super().__init__(self.operator_message)
 
     @property
     def message(self) -> str:
+        """The public message: code text and detail, never the private detail."""
         return f"{self.error.msg}: {self.detail}" if self.detail else self.error.msg
 
-    def to_json(self) -> dict:
-        return {"code": self.error.code, "msg": self.message}
+    @property
+    def operator_message(self) -> str:
+        """The message with the private detail after it: for operators (API, CLI, events, logs)."""
+        return f"{self.message}; {self.private_detail}" if self.private_detail else self.message
+
+    def to_json(self, private: bool = False) -> dict:
+        """The wire form. `private`: add the operator-only text as its own key (IPC, and the
+        operator API for an authenticated principal); never for endpoint clients."""
+        out: dict = {"code": self.error.code, "msg": self.message}
+        if private and self.private_detail:
+            out["private_detail"] = self.private_detail
+        return out
 
     @classmethod
     def from_json(cls, data: dict, retry_after: float | None = None) -> "AutoDeployError":
         err = BY_CODE.get(int(data["code"]), DRIVER_FAILED)
         msg = str(data.get("msg", ""))
         detail = msg[len(err.msg) + 2:] if msg.startswith(err.msg + ": ") else ("" if msg == err.msg else msg)
-        return cls(err, detail, retry_after)
+        private = data.get("private_detail")
+        return cls(err, detail, retry_after, private if isinstance(private, str) and private else None)
 
 
 def markdown_table() -> str:

@@ -330,7 +330,7 @@ class Fleet:
         try:
             return self.start(rt, reason)
         except AutoDeployError as exc:
-            rt.last_error = exc.message
+            rt.last_error = exc.operator_message
             rt.backoff_until = now + restart_backoff(rt.failures + 1)
             return None
 
@@ -443,9 +443,9 @@ class Fleet:
             if rt is not None:
                 rt.failures += 1
                 rt.backoff_until = now + restart_backoff(rt.failures)
-                rt.last_error = exc.message
+                rt.last_error = exc.operator_message
                 rt.instances.pop(rec.id, None)
-            self.event(rec.deployment, "failed", exc.message, rec.id)
+            self.event(rec.deployment, "failed", exc.operator_message, rec.id)
             self.bump()
         self._clean_up(rec)
 
@@ -514,7 +514,7 @@ class Fleet:
             rec.driver_failures += 1
             delay = restart_backoff(rec.driver_failures)
             rec.retry_at = self.clock() + delay
-            detail = exc.message if isinstance(exc, AutoDeployError) else f"{type(exc).__name__}: {exc}"
+            detail = exc.operator_message if isinstance(exc, AutoDeployError) else f"{type(exc).__name__}: {exc}"
             rec.driver_error = f"{call}: {detail}"
             code = errors.DRIVER_FAILED.code
             self.event(rec.deployment, f"{call}-failed", f"driver.{call} raised ({code}) {detail}; "
@@ -630,8 +630,8 @@ class Fleet:
             if gone is not None:
                 self.fail(rec, AutoDeployError(
                     errors.INSTANCE_START_FAILED,
-                    f"instance {rec.id} exited with code {gone.code} before it was ready; last log lines:\n"
-                    f"{gone.log_tail}"))
+                    f"instance {rec.id} exited with code {gone.code} before it was ready",
+                    private_detail=f"last log lines:\n{gone.log_tail}"))
                 return
             if not port_open and self.probes.port_open(inst):
                 port_open = True
@@ -648,8 +648,8 @@ class Fleet:
                 self.fail(rec, AutoDeployError(
                     errors.INSTANCE_START_FAILED,
                     f"instance {rec.id} was not ready after {spec.start_timeout_s:g} s"
-                    f" ({'GET ' + path + ' never answered 2xx' if path else f'port {inst.port} never accepted'});"
-                    f" last log lines:\n{self.driver.log_tail(inst)}"))
+                    f" ({'GET ' + path + ' never answered 2xx' if path else f'port {inst.port} never accepted'})",
+                    private_detail=f"last log lines:\n{self.driver.log_tail(inst)}"))
                 return
             self.sleep(readiness_poll_interval(elapsed))
         self.mark_ready(rec)

@@ -96,7 +96,7 @@ class NodeWatch:
                 try:
                     fleet.start(rt, f"replaces {rec.id}, lost with node {node.name}")
                 except AutoDeployError as exc:
-                    rt.last_error = exc.message
+                    rt.last_error = exc.operator_message
                     self._unreplaced[rt.spec.name] = self._unreplaced.get(rt.spec.name, 0) + 1
             fleet.bump()
 

@@ -54,12 +54,12 @@ def peer_trusted(peer: str, trusted_proxies: tuple[str, ...]) -> bool:
 
 
 def public_error(exc: AutoDeployError, name: str | None) -> AutoDeployError:
-    """The error as an endpoint client may see it: an instance's log lines stay in
-    `autodeploy logs`, the events and the authenticated API."""
-    cut = min((i for i in (exc.detail.find(m) for m in errors.PRIVATE_DETAIL_MARKERS) if i >= 0), default=-1)
-    if cut < 0:
+    """The error as an endpoint client may see it: without its private detail (an
+    instance's log lines), which stays in `autodeploy logs`, the events and the
+    authenticated API; a pointer to those takes its place."""
+    if not exc.private_detail:
         return exc
-    detail = exc.detail[:cut].rstrip(" ;:,") + f" (its log: `autodeploy logs {name or 'NAME'}` and the status API)"
+    detail = f"{exc.detail} (its log: `autodeploy logs {name or 'NAME'}` and the status API)".lstrip()
     return AutoDeployError(exc.error, detail, exc.retry_after)
 
 
@@ -419,8 +419,9 @@ def create_app(ipc_path: str | None = None, counters_path: str | None = None, co
         if name is not None:  # unknown names are not labels: a client could mint endless series
             metrics.gateway_error(name if router.known(name) else "", exc.error.code)
         if request.path.startswith("/d/"):
-            exc = public_error(exc, name)
-        return error_response(exc)
+            return error_response(public_error(exc, name))
+        # the operator API: the private detail only for an authenticated principal
+        return error_response(exc, private=getattr(g, "principal", None) is not None)
 
     @app.get("/metrics")
     def prometheus() -> Response:

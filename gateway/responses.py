@@ -8,8 +8,9 @@ from flask import Response
 from controller.errors import AutoDeployError
 
 
-def error_response(exc: AutoDeployError) -> Response:
-    resp = Response(json_bytes(exc.to_json()), status=exc.error.http_status, mimetype="application/json")
+def error_response(exc: AutoDeployError, private: bool = False) -> Response:
+    """`private`: add the error's operator-only detail (only for an authenticated principal)."""
+    resp = Response(json_bytes(exc.to_json(private=private)), status=exc.error.http_status, mimetype="application/json")
     if exc.error.http_status == 401:
         resp.headers["WWW-Authenticate"] = 'Bearer realm="autodeploy"'
     if exc.retry_after is not None:

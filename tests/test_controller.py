@@ -251,7 +251,7 @@ def test_a_driver_start_that_raises_fails_the_waiters_with_1015_and_backs_off(h:
     assert err.value.error is errors.DRIVER_FAILED and "engine unreachable" in err.value.message
     with pytest.raises(AutoDeployError) as err:
         h.c.acquire("m", None, timeout=5)
-    assert err.value.error is errors.INSTANCE_START_FAILED and "engine unreachable" in err.value.message
+    assert err.value.error is errors.INSTANCE_START_FAILED and "engine unreachable" in err.value.operator_message
     assert err.value.retry_after is not None and err.value.retry_after > 0
     h.clock.advance(2)
     assert h.c.acquire("m", None, timeout=5).id
@@ -267,7 +267,8 @@ def test_an_instance_that_exits_before_it_is_ready_fails_with_1003_and_its_log(t
         waiter["thread"].join(5)
         err = waiter["error"]
         assert err.error is errors.INSTANCE_START_FAILED
-        assert "exited with code 2" in err.message and "ImportError: torch" in err.message
+        assert "exited with code 2" in err.message and "ImportError: torch" not in err.message
+        assert "ImportError: torch" in err.private_detail  # the log tail: operators only
         assert h.phases("m") == [] and "failed" in h.kinds("m")
     finally:
         h.c.shutdown()

@@ -4,6 +4,7 @@ A real `autodeploy serve` with a secret in its environment; afterwards the secre
 is looked for in every API answer, serve's log and every file of the state dir."""
 from __future__ import annotations
 
+import json
 import secrets as pysecrets
 import subprocess
 import sys
@@ -144,10 +145,12 @@ def test_redactor_masks_values():
 def test_endpoint_error_bodies_carry_no_log_tail():
     from controller.errors import INSTANCE_START_FAILED, AutoDeployError
     from gateway.app import public_error
-    exc = AutoDeployError(INSTANCE_START_FAILED, "instance ab exited with code 3 before it was ready; "
-                          "last log lines:\nTOKEN=hunter2")
+    exc = AutoDeployError(INSTANCE_START_FAILED, "instance ab exited with code 3 before it was ready",
+                          private_detail="last log lines:\nTOKEN=hunter2")
     shown = public_error(exc, "m")
     assert "hunter2" not in shown.message and "autodeploy logs m" in shown.message
+    assert shown.private_detail is None and "hunter2" not in json.dumps(shown.to_json(private=True))
+    assert "hunter2" in exc.operator_message and "hunter2" not in exc.message
     assert requests.codes.bad_gateway == shown.error.http_status
 
 

@@ -78,7 +78,7 @@ def register(app: Flask, ipc: Any, verifier: TokenVerifier | None = None, sessio
     def _coded(exc: AutoDeployError) -> Any:
         if exc.error is errors.LOGIN_REQUIRED and request.method == "GET" and not request.args.get("fragment"):
             return Response(page("ui_login.html", error=None), status=401)
-        return error_response(exc)
+        return error_response(exc, private=signer.read(request.cookies.get(COOKIE), time.time()) is not None)
 
     @bp.get("/login")
     def login() -> Any:
@@ -155,7 +155,7 @@ def register(app: Flask, ipc: Any, verifier: TokenVerifier | None = None, sessio
         except AutoDeployError as exc:
             if exc.error in (errors.UNKNOWN_DEPLOYMENT,):
                 raise
-            return redirect(f"/ui/d/{quote(name)}?error=" + quote(f"error {exc.error.code}: {exc.message}"),
+            return redirect(f"/ui/d/{quote(name)}?error=" + quote(f"error {exc.error.code}: {exc.operator_message}"),
                             code=303)
         return redirect(f"/ui/d/{quote(name)}?done=" + quote(str(result.get("message", action))), code=303)
 
