@@ -19,6 +19,10 @@ Stack config read (namespace `autodeploy`):
 * `gatewayPort`, `gatewayHost`, `dockerHost`
 * `gatewayContainer` `true` (default): run the static gateway container; `false`: the
                      controller's own gateway (`autodeploy serve`) serves the endpoints
+* `apiTokens`        secret, `name:role:TOKEN,...`: the gateway container's API tokens
+                     (hashed into AUTODEPLOY_API_TOKENS); without it the API answers 401
+* `endpointKeys`     secret, `deployment:KEY:1|0,...` (1: may scale out): keys of private
+                     deployments (hashed, for the gateway and HAProxy); without, 1035
 * `dataPlane`        `haproxy` (default): an HAProxy container (the same generated config
                      as `serve --data-plane haproxy`, gateway/haproxy_config.py) carries the
                      endpoints and the static gateway container is its activator; `python`:
@@ -365,6 +369,42 @@ def gateway_routes(deployments: Sequence[Deployment], plans: Sequence[ContainerP
     return {"version": 1, "deployments": routes}
 
 
+def auth_env(api_tokens: str | None, endpoint_keys: str | None) -> dict[str, str]:
+    """The static gateway's access control from the stack's secrets, hashed as `serve`
+    stores them: `autodeploy:apiTokens` (`name:role:TOKEN`, comma-separated) becomes
+    AUTODEPLOY_API_TOKENS (`name:role:sha256`), `autodeploy:endpointKeys`
+    (`deployment:KEY:1|0`, 1 = may scale out) AUTODEPLOY_ENDPOINT_KEYS
+    (`deployment:sha256:1|0`). A malformed item is a coded error (1014) naming the key,
+    never its value. Without tokens the API answers 401, without keys a private
+    deployment 1035: the gateway fails closed."""
+    from controller.auth import digest
+    tokens, keys = [], []
+    for i, item in enumerate(t.strip() for t in (api_tokens or "").split(",") if t.strip()):
+        parts = item.split(":")
+        if len(parts) != 3 or parts[1] not in ("viewer", "operator", "admin") or not parts[0] or len(parts[2]) < 16:
+            raise AutoDeployError(SPEC_INVALID, f"{NAMESPACE}:apiTokens item {i + 1} must be name:role:TOKEN with "
+                                                "role viewer, operator or admin and a token of 16+ characters")
+        tokens.append(f"{parts[0]}:{parts[1]}:{digest(parts[2])}")
+    for i, item in enumerate(k.strip() for k in (endpoint_keys or "").split(",") if k.strip()):
+        parts = item.split(":")
+        if len(parts) != 3 or parts[2] not in ("0", "1") or not parts[0] or len(parts[1]) < 16:
+            raise AutoDeployError(SPEC_INVALID, f"{NAMESPACE}:endpointKeys item {i + 1} must be "
+                                                "deployment:KEY:1|0 (1: may scale out) with a key of 16+ characters")
+        keys.append(f"{parts[0]}:{digest(parts[1])}:{parts[2]}")
+    return {"AUTODEPLOY_API_TOKENS": ",".join(tokens), "AUTODEPLOY_ENDPOINT_KEYS": ",".join(keys)}
+
+
+def haproxy_keys_map(endpoint_keys_env: str) -> str:
+    """The HAProxy container's keys map from AUTODEPLOY_ENDPOINT_KEYS (hashes): the same
+    `<deployment>:<sha256> 1|0` lines `serve --data-plane haproxy` keeps."""
+    from gateway.haproxy_config import keys_map_text
+    entries = {}
+    for item in (k for k in endpoint_keys_env.split(",") if k):
+        dep, key_hash, scale_out = item.split(":")
+        entries[f"{dep}:{key_hash}"] = scale_out
+    return keys_map_text(entries)
+
+
 def haproxy_gateway_config(deployments: Sequence[Deployment], plans: Sequence[ContainerPlan],
                            activator_host: str, addresses: Mapping[str, str] | None = None) -> str:
     """The HAProxy container's config: `gateway/haproxy_config.render`, as `serve` renders
@@ -377,6 +417,7 @@ def haproxy_gateway_config(deployments: Sequence[Deployment], plans: Sequence[Co
     for dep in sorted(deployments, key=lambda d: d.name):
         hc = dep.load_balancer.health_check
         backends.append(backend_of(RouteEntry(
+            access=dep.access,  # private: HAProxy checks the key against KEYS_MAP_PATH
             algorithm=dep.load_balancer.algorithm, sticky=dep.load_balancer.sticky_sessions,
             request_timeout=dep.request_timeout_s, protocol=dep.protocol,
             tunnel_idle_timeout=dep.tunnel_idle_timeout_s,
@@ -390,12 +431,15 @@ def haproxy_gateway_config(deployments: Sequence[Deployment], plans: Sequence[Co
             servers[dep.name].append(Server(p.slot_name, host, int(port)))
     settings = Settings(bind_host="0.0.0.0", bind_port=GATEWAY_INTERNAL_PORT, activator_host=activator_host,
                         activator_port=GATEWAY_INTERNAL_PORT, socket_path="/tmp/haproxy.sock", maxconn=4096,
-                        docker_dns=True)
+                        docker_dns=True, keys_map=KEYS_MAP_PATH)
     return render(settings, backends, servers)
 
 
 # The HAProxy container writes its config from the environment, then runs it in the foreground.
+# The endpoint keys (hashes, from the secret HAPROXY_KEYS) go to a map file next to it.
+KEYS_MAP_PATH = "/tmp/keys.map"
 HAPROXY_COMMAND = ["sh", "-c", 'printf "%s" "$HAPROXY_CONFIG" > /tmp/haproxy.cfg && '
+                               f'printf "%s" "$HAPROXY_KEYS" > {KEYS_MAP_PATH} && '
                                "exec haproxy -W -db -f /tmp/haproxy.cfg"]
 
 
@@ -685,6 +729,19 @@ def program(project_dir: Path | None = None, nvml: Any | None = None) -> Program
             build=docker.DockerBuildArgs(context=str(project), dockerfile=str(project / GATEWAY_DOCKERFILE)),
             skip_push=True, opts=base)
         bind_env = f"AUTODEPLOY_GATEWAY_BIND=0.0.0.0:{GATEWAY_INTERNAL_PORT}"
+        # Access control from the stack's secrets, hashed inside an apply: the values only
+        # ever exist as secret Outputs (stored and shown as [secret], never exported).
+        stack_config = pulumi.Config(NAMESPACE)
+        private = sorted(d.name for d in deployments if d.access == "private")
+
+        def _auth(values: list[Any]) -> dict[str, str]:
+            env = auth_env(values[0], values[1])
+            if private and not env["AUTODEPLOY_ENDPOINT_KEYS"]:
+                pulumi.log.warn(f"{', '.join(private)}: private, but {NAMESPACE}:endpointKeys is not set: "
+                                "every request to them is refused (1035)")
+            return env
+        auth: Any = pulumi.Output.secret(pulumi.Output.all(
+            stack_config.get_secret("apiTokens") or "", stack_config.get_secret("endpointKeys") or "").apply(_auth))
         if cfg.nodes:
             # Instances on other nodes are not on this node's network: the gateway (on the
             # first node) dials each at its node's address and published port.
@@ -700,6 +757,8 @@ def program(project_dir: Path | None = None, nvml: Any | None = None) -> Program
         published = [docker.ContainerPortArgs(internal=GATEWAY_INTERNAL_PORT, external=cfg.gateway_port,
                                               ip=cfg.gateway_host)]
         activator_name = f"autodeploy-gateway-{pulumi.get_stack()}"
+        gateway_envs = pulumi.Output.secret(pulumi.Output.all(gateway_envs, auth).apply(
+            lambda v: list(v[0]) + [f"{k}={val}" for k, val in sorted(v[1].items())]))
         gateway = docker.Container(
             "gateway", name=activator_name,
             image=gateway_image.image_name,
@@ -722,6 +781,8 @@ def program(project_dir: Path | None = None, nvml: Any | None = None) -> Program
                     .apply(_haproxy_env)
             else:
                 haproxy_envs = [f"HAPROXY_CONFIG={haproxy_gateway_config(deployments, plans, activator_name)}"]
+            haproxy_envs = pulumi.Output.secret(pulumi.Output.all(haproxy_envs, auth).apply(
+                lambda v: list(v[0]) + [f"HAPROXY_KEYS={haproxy_keys_map(v[1]['AUTODEPLOY_ENDPOINT_KEYS'])}"]))
             haproxy = docker.Container(
                 "haproxy", name=f"autodeploy-haproxy-{pulumi.get_stack()}",
                 image=gateway_image.image_name,

@@ -94,6 +94,14 @@ class Run:
         return {n: i for n, i in self.engine.of_type(CONTAINER).items() if n not in ("gateway", "haproxy")}
 
 
+def secret_envs(box: dict[str, Any]) -> list[str]:
+    """A container's env list, which the program hands the engine as a secret (it carries
+    the hashed tokens and keys): wrapped in the engine's secret signature."""
+    envs = box["envs"]
+    assert isinstance(envs, dict) and envs.get(SECRET_SIG), "the env list must reach the engine as a secret"
+    return list(envs["value"])
+
+
 def run_program(tmp_path: Path, files: dict[str, str], config: dict[str, Any] | None = None,
                 secrets: dict[str, str] | None = None) -> Run:
     """Run `program()` once in a fresh mocked runtime; returns what it registered and exported."""
@@ -178,7 +186,7 @@ def test_the_gateway_container_routes_to_instance_network_addresses(tmp_path: Pa
                                  "b.yaml": doc("b", state="stopped")}, {"gatewayPort": "9090", "dataPlane": "python"})
     gateway = run.engine.of_type(CONTAINER)["gateway"]
     assert "haproxy" not in run.engine.of_type(CONTAINER)
-    env = dict(e.split("=", 1) for e in gateway["envs"])
+    env = dict(e.split("=", 1) for e in secret_envs(gateway))
     routes = json.loads(env["AUTODEPLOY_ROUTES"])["deployments"]
     assert [i["address"] for i in routes["a"]["instances"]] == ["autodeploy-a-0:8080", "autodeploy-a-1:8080"]
     assert routes["b"] == {"state": "stopped", "algorithm": "round-robin", "stickySessions": False,
@@ -199,7 +207,7 @@ def test_haproxy_container_carries_the_endpoints_with_the_gateway_as_its_activat
     assert haproxy["ports"] == [{"internal": 8080, "external": 9090, "ip": "127.0.0.1"}]
     assert gateway.get("ports") in (None, [])  # reached only through HAProxy
     assert haproxy["image"] == gateway["image"]  # one image: the gateway's, with haproxy installed
-    config = dict(e.split("=", 1) for e in haproxy["envs"])["HAPROXY_CONFIG"]
+    config = dict(e.split("=", 1) for e in secret_envs(haproxy))["HAPROXY_CONFIG"]
     assert "    server a-0 autodeploy-a-0:8080 weight 100" in config
     assert "    server a-1 autodeploy-a-1:8080 weight 100" in config
     assert "backend be_b" in config  # stopped: no server, so its requests go to the activator
