@@ -44,3 +44,41 @@ def test_a_crash_at_start_shows_its_secret_looking_log_line_to_operators_only(se
     assert any(secret in e["message"] for e in status["events"] if e["kind"] == "failed")
     anonymous = s.get("/api/deployments/leaky", auth=False)
     assert anonymous.status_code == 401 and secret not in anonymous.text
+
+
+class FakeFailingControl:
+    """The gateway's control plane (the static one, real) whose deployment `x` fails to
+    start with a log tail, as the controller's IPC would answer."""
+
+    def __init__(self, token: str) -> None:
+        from controller.auth import digest
+        from gateway.static import StaticControlPlane
+        self.real = StaticControlPlane({"version": 1, "deployments": {
+            "x": {"state": "running", "instances": [{"id": "x-0", "address": "127.0.0.1:9"}]}}},
+            tokens=f"ops:admin:{digest(token)}")
+
+    def request(self, msg):
+        from controller.contracts import Acquire
+        if isinstance(msg, (Acquire, Status)) and getattr(msg, "name", "x") in ("x", None) \
+                and getattr(msg, "deployment", "x") == "x":
+            raise AutoDeployError(errors.INSTANCE_START_FAILED, "instance x-1 exited with code 4",
+                                  private_detail="last log lines:\nAPI_SECRET=sk-inproc")
+        return self.real.request(msg)
+
+    def close(self) -> None:
+        self.real.close()
+
+
+def test_the_api_gives_the_private_detail_to_a_principal_and_the_endpoint_never(tmp_path):
+    from gateway.app import create_app
+    token = "adt_private-detail-test-token"
+    app = create_app(counters_path=str(tmp_path / "counters"), control=FakeFailingControl(token))
+    client = app.test_client()
+    api = client.get("/api/deployments/x", headers={"Authorization": f"Bearer {token}"})
+    assert (api.status_code, api.json["code"]) == (502, 1003)
+    assert api.json["private_detail"] == "last log lines:\nAPI_SECRET=sk-inproc"
+    assert "sk-inproc" not in api.json["msg"]
+    assert b"sk-inproc" not in client.get("/api/deployments/x").data  # no principal: 401 only
+    endpoint = client.get("/d/x/")
+    assert (endpoint.status_code, endpoint.json["code"]) == (502, 1003)
+    assert b"sk-inproc" not in endpoint.data and set(endpoint.json) == {"code", "msg"}
