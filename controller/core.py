@@ -359,22 +359,25 @@ class Controller:
                     and rt.spec.state == "running":
                 earlier = resume.get(rt.spec.name) or self._stored_spec(rt.spec.name, inst.revision)
             if alive and rt is not None and not rt.removed and (inst.revision == rt.spec.revision or earlier):
-                if self.probes.ready(inst, rt.spec.load_balancer.health_check, self.driver.tcp_accept_means_ready,
-                                     rt.spec.protocol):
-                    if earlier is not None:
-                        resume[rt.spec.name] = earlier
-                    with fleet:
-                        fleet.adopt(rt, inst, earlier[1] if earlier else rt.revision_number,
-                                    f"pid {inst.pid} port {inst.port} still running", node=inst.node)
-                    continue
+                if earlier is not None:
+                    resume[rt.spec.name] = earlier
+                number = earlier[1] if earlier else rt.revision_number
+                why = f"pid {inst.pid} port {inst.port} still running"
+                runs = earlier[0] if earlier else rt.spec  # the spec of the revision it runs
+                ready = self.probes.ready(inst, runs.load_balancer.health_check,
+                                          self.driver.tcp_accept_means_ready, runs.protocol)
+                with fleet:
+                    if ready:
+                        fleet.adopt(rt, inst, number, why, node=inst.node)
+                    else:  # loading, or slow to answer one probe: awaited, not killed
+                        fleet.adopt_starting(rt, inst, number, why, runs)
+                continue
             if alive or adopt_error:
-                # Not wanted, not ready, or unknown (adopt raised): stopped, so nothing is orphaned.
+                # Not wanted, or unknown (adopt raised): stopped, so nothing is orphaned.
                 if adopt_error:
                     why = f"{adopt_error}: stopped rather than left unwatched"
-                elif rt is None or inst.revision != rt.spec.revision:
-                    why = "its deployment or revision is no longer wanted"
                 else:
-                    why = "not ready on adoption"
+                    why = "its deployment or revision is no longer wanted"
                 try:
                     self.driver.stop(inst, self.stop_timeout)
                 except Exception as exc:  # noqa: BLE001 - booked as lost with the reason; the others go on

@@ -353,6 +353,31 @@ class Fleet:
         self.bump()
         return rec
 
+    def adopt_starting(self, rt: DepRuntime, inst: Instance, number: int, why: str,
+                       spec: Deployment | None = None) -> Rec:
+        """A running instance found not ready yet (still loading its model, or too busy to
+        answer one probe in time), owned again as starting: its readiness is awaited as a
+        launch's is, and startTimeout counts from its own start, so a loading GPU model is
+        not killed and started over because the controller restarted."""
+        rec = Rec(id=inst.id, deployment=inst.deployment, revision=inst.revision, phase=STARTING,
+                  created=inst.started_at, inst=inst, number=number, gpu_ids=list(inst.gpu_ids), node=inst.node)
+        rt.instances[rec.id] = rec
+        for listener in self.listeners:
+            listener(rec, None, STARTING)
+        self.store.set_phase(rec.id, STARTING.value)
+        self.event(inst.deployment, "adopted", why + "; not ready yet: awaiting readiness", inst.id)
+        self.bump()
+        self.spawn(self._adopted_wait, spec or rt.spec, rec, inst)  # spec: the revision it runs
+        return rec
+
+    def _adopted_wait(self, spec: Deployment, rec: Rec, inst: Instance) -> None:
+        try:
+            now = self.clock()  # a start time not on this clock (unknown: 0) counts from now
+            self._await_ready(spec, rec, inst, inst.started_at if 0 < inst.started_at <= now else now)
+        except Exception as exc:  # noqa: BLE001 - never leave waiters on an instance nobody watches
+            log.exception("awaiting adopted %s failed", rec.id)
+            self.fail(rec, AutoDeployError(errors.DRIVER_FAILED, f"{type(exc).__name__}: {exc}"))
+
     def lost(self, rec: Rec, why: str) -> None:
         """Out of reach with its node: gone from the table (its time booked) without a stop;
         the node's return reconciles its container."""
@@ -620,8 +645,12 @@ class Fleet:
                     rec.stop_running = True
                     self.spawn(self._do_stop, rec)
                 return
+        self._await_ready(spec, rec, inst, self.clock())
+
+    def _await_ready(self, spec: Deployment, rec: Rec, inst: Instance, begin: float) -> None:
+        """Poll a starting instance until it is ready, exits, or outlasts spec.startTimeout
+        counted from `begin`."""
         health = spec.load_balancer.health_check
-        begin = self.clock()
         port_open = health is None  # with a health path, "port open" and "health answers" are two phases
         while True:
             if rec.phase != STARTING:

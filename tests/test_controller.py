@@ -412,6 +412,34 @@ def test_a_restarted_controller_adopts_live_instances_and_books_the_rest_as_lost
         second.c.shutdown()
 
 
+def test_an_instance_still_loading_when_the_controller_died_is_awaited_not_killed(tmp_path: Path):
+    """A model mid-load (a GPU model takes minutes) is adopted as starting and becomes ready
+    when it answers; one that never answers fails at startTimeout, counted from adoption."""
+    first = make(tmp_path, auto_ready=False)
+    first.apply(dep("a", min_replicas=2, start_timeout="60s"))
+    first.c.tick()
+    a1, a2 = first.settle("a", "starting", "starting")
+    wait_until(lambda: len(first.driver.procs) == 2, "both started by the driver")
+    second = make(tmp_path, driver=first.driver, store=first.store)
+    try:
+        second.apply(dep("a", min_replicas=2, start_timeout="60s"))
+        second.c.adopt_stored()
+        assert sorted(r.id for r in second.recs("a")) == sorted([a1.id, a2.id])
+        assert second.phases("a") == ["starting", "starting"]
+        assert second.kinds("a").count("adopted") == 2 and "lost" not in second.kinds("a")
+        first.driver.make_ready(a1.id)
+        wait_until(lambda: {r.id: r.phase.value for r in second.recs("a")}[a1.id] == "ready", "a1 ready")
+        second.c.tick()
+        assert [r.id for r in second.recs("a")] == [a1.id, a2.id]  # nothing new started meanwhile
+        assert ("stop", a1.id) not in first.driver.calls and ("stop", a2.id) not in first.driver.calls
+        wait_until(lambda: (second.clock.advance(61), ("stop", a2.id) in first.driver.calls)[1],
+                   "the start timeout of the one that never answers")
+        assert "was not ready after 60 s" in " ".join(e.message for e in second.store.events("a", limit=200))
+    finally:
+        second.c.shutdown()
+        first.c.shutdown()
+
+
 def test_a_running_instance_not_in_the_store_is_reported_and_left_alone(tmp_path: Path):
     first = make(tmp_path)
     first.apply(dep("a", min_replicas=1))
