@@ -419,7 +419,7 @@ def test_an_instance_still_loading_when_the_controller_died_is_awaited_not_kille
     first.apply(dep("a", min_replicas=2, start_timeout="60s"))
     first.c.tick()
     a1, a2 = first.settle("a", "starting", "starting")
-    wait_until(lambda: len(first.driver.procs) == 2, "both started by the driver")
+    wait_until(lambda: len(first.store.instances()) == 2, "both started and stored")
     second = make(tmp_path, driver=first.driver, store=first.store)
     try:
         second.apply(dep("a", min_replicas=2, start_timeout="60s"))
