@@ -112,7 +112,7 @@ def test_events_list_follow_and_json(served):
     s = served
     s.wait_for(lambda: s.status("hello")["status"] == "Running", what="hello running")
     listed = cli("events", "hello", url=s.url).stdout
-    assert re.search(r"ago\s+ready\s+hello/\w+\s+ready in", listed), listed
+    assert re.search(r"(ago|just now)\s+ready\s+hello/\w+\s+ready in", listed), listed
     every = json.loads(cli("events", "--output", "json", "-n", "500", url=s.url).stdout)
     assert {"crashy", "hello", "lazy"} <= {e["deployment"] for e in every}
     ids = [e["id"] for e in every]

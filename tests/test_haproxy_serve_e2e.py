@@ -8,6 +8,7 @@ import signal
 import psutil
 
 from conftest import deployment_yaml
+from controller.errors import AutoDeployError
 from gateway.haproxy_plane import runtime_dir
 from gateway.haproxy_runtime import RuntimeApi
 
@@ -18,8 +19,24 @@ def _api(s) -> RuntimeApi:
     return RuntimeApi(str(runtime_dir(s.state_dir) / "haproxy.sock"))  # short path when the state dir is deep
 
 
-def _master(s) -> int:
-    return int((s.state_dir / "haproxy" / "haproxy.pid").read_text().split()[0])
+def _master(s) -> int | None:
+    """HAProxy's master pid, or None while its pid file is absent or being written."""
+    try:
+        words = (s.state_dir / "haproxy" / "haproxy.pid").read_text().split()
+    except FileNotFoundError:
+        return None
+    return int(words[0]) if words else None
+
+
+def _restarted_with(s, old: int, iid: str) -> bool:
+    """A new master runs and its runtime API already lists the instance's server."""
+    master = _master(s)
+    if master is None or master == old:
+        return False
+    try:
+        return any(st.name == iid for st in _api(s).show_stat())
+    except AutoDeployError:  # 1084: the new master's socket is not listening yet
+        return False
 
 
 def _served_by_haproxy(s, iid: str) -> int:
@@ -66,8 +83,7 @@ def test_a_killed_haproxy_is_started_again_with_its_servers(serve):
     old = _master(s)
     for proc in [psutil.Process(old), *psutil.Process(old).children()]:
         proc.kill()
-    s.wait_for(lambda: (s.state_dir / "haproxy" / "haproxy.pid").exists() and _master(s) != old
-               and any(st.name == iid for st in _api(s).show_stat()), timeout=30, what="HAProxy started again")
+    s.wait_for(lambda: _restarted_with(s, old, iid), timeout=30, what="HAProxy started again")
     r = s.get("/d/hello/whoami")
     assert (r.status_code, r.headers.get(TARGET)) == (200, iid), (r.headers, r.text, s.log()[-3000:])
     assert "HAProxy was not running" in s.log()
