@@ -92,6 +92,17 @@ def spec_v(name: str, version: str, command: str, rollout_yaml: str, min_replica
                            extra_spec=rollout_yaml).replace("version: v1", f"version: {version}")
 
 
+def old_servers_weigh_nothing(s, name: str) -> bool:
+    """HAProxy's backend gives every revision-1 server weight 0 and a revision-2 one weight > 0."""
+    from gateway.haproxy_plane import runtime_dir
+    from gateway.haproxy_runtime import RuntimeApi
+    revision = {i["id"]: i["revision_number"] for i in s.instances(name)}
+    stats = [st for st in RuntimeApi(str(runtime_dir(s.state_dir) / "haproxy.sock")).show_stat()
+             if st.backend == f"be_{name}"]
+    return (all(st.weight == 0 for st in stats if revision.get(st.name) == 1)
+            and any(st.weight > 0 for st in stats if revision.get(st.name) == 2))
+
+
 def start_with_traffic(serve, name: str, rollout_yaml: str, min_replicas: int = 2):
     s = serve({f"{name}.yaml": spec_v(name, "v1", echo_command(), rollout_yaml, min_replicas)})
     s.wait_for(lambda: s.status(name)["replicas"]["ready"] == min_replicas, what="initial instances ready")
@@ -136,7 +147,10 @@ def test_blue_green_switches_all_at_once_keeps_old_set_then_stops_it(serve, data
     # through its Runtime API): once three answers in a row came from the new set, none
     # comes from the old one again.
     s.wait_for(lambda: [r[2] for r in traffic.snapshot()[-3:]] == ["2"] * 3, what="the data plane switched")
-    before = len(traffic.snapshot())
+    if data_plane == "haproxy":  # weights go over the Runtime API one server at a time
+        s.wait_for(lambda: old_servers_weigh_nothing(s, "bg"), what="HAProxy gives the old set weight 0")
+    # Requests already in flight (one per client thread) may still come from the old set.
+    before = len(traffic.snapshot()) + traffic.threads
     s.wait_for(lambda: len(traffic.snapshot()) >= before + 30, what="traffic after the switch")
     state = rollout(s, "bg")
     if state["phase"] == "switched":
