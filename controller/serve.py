@@ -34,7 +34,7 @@ from controller.ipc import IpcServer
 from controller.sources import SOURCE_EVENTS, Source, SourceUpdate, SourceWatcher
 from controller.sources.folder import FolderSource
 from controller.nodes import NodePrices
-from controller.stack import StackConfig, load_stack
+from controller.stack import GitStackConfig, StackConfig, load_stack
 from controller import statedir
 from controller.statedir import StateDirBusy, StateDirLock
 from controller.store import Store
@@ -233,15 +233,12 @@ class Server:
         from controller.sources.git import GitMirror, GitSource, check_options, mirror_dir
         from controller.sources.secrets import resolve_credential
         try:
-            if o.git_repo:  # the command line wins over the stack config, key by key
-                opts = check_options(o.git_repo, o.git_branch or "main", o.git_path or "deployments",
-                                     o.git_interval or "30s")
-            else:
-                assert git is not None
-                opts = check_options(git.repo, o.git_branch or git.branch, o.git_path or git.path,
-                                     o.git_interval or git.interval,
-                                     credential=resolve_credential(self.stack, git.credential, o.project_dir),
-                                     username=git.username)
+            base = git if git is not None else GitStackConfig(repo=o.git_repo)
+            # The command line wins over the stack config, key by key.
+            cfg = base.overridden(o.git_repo, o.git_branch, o.git_path, o.git_interval)
+            opts = check_options(cfg.repo, cfg.branch, cfg.path, cfg.interval,
+                                 credential=resolve_credential(self.stack, cfg.credential, o.project_dir),
+                                 username=cfg.username)
         except AutoDeployError as exc:
             raise SystemExit(f"error {exc.error.code}: {exc.message}") from None
         mirror = GitMirror(mirror_dir(self.opts.state_dir, opts), opts)

@@ -113,6 +113,17 @@ class GitStackConfig:
     credential: str | None = None
     username: str | None = None
 
+    def overridden(self, repo: str | None = None, branch: str | None = None, path: str | None = None,
+                   interval: str | None = None) -> "GitStackConfig":
+        """The command line's `--git-*` flags over this config, key by key. The credential and
+        username stay only while the repository is this one: a token kept for one remote is
+        never sent to another named on the command line."""
+        same_repo = not repo or repo == self.repo
+        return GitStackConfig(repo=repo or self.repo, branch=branch or self.branch, path=path or self.path,
+                              interval=interval or self.interval,
+                              credential=self.credential if same_repo else None,
+                              username=self.username if same_repo else None)
+
 
 @dataclass
 class StackConfig:

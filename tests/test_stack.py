@@ -250,3 +250,17 @@ def test_replicas_accept_the_slot_list_the_pulumi_driver_writes(tmp_path):
     (tmp_path / "stacks" / "Pulumi.x.yaml").write_text(
         'config:\n  autodeploy:replicas: \'{"hello": [0, 2], "tts": 3}\'\n')
     assert load_stack(tmp_path, "x").replicas == {"hello": (0, 2), "tts": 3}
+
+
+def test_git_flags_override_the_stack_config_key_by_key_and_keep_its_token_for_its_own_repo() -> None:
+    from controller.stack import GitStackConfig
+    stack = GitStackConfig(repo="https://git.example.com/a.git", branch="prod", path="deploy", interval="10s",
+                           credential="autodeploy:gitToken", username="deployer")
+    assert stack.overridden(branch="main") == GitStackConfig(
+        repo="https://git.example.com/a.git", branch="main", path="deploy", interval="10s",
+        credential="autodeploy:gitToken", username="deployer")
+    assert stack.overridden(repo="https://git.example.com/a.git", interval="1s").credential == "autodeploy:gitToken"
+    # another repository on the command line: its own branch/path defaults from the stack, never the token
+    other = stack.overridden(repo="https://elsewhere.example.com/b.git")
+    assert (other.repo, other.branch, other.path, other.credential, other.username) == (
+        "https://elsewhere.example.com/b.git", "prod", "deploy", None, None)
