@@ -2,6 +2,7 @@
 deployments and state directories."""
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
@@ -17,7 +18,6 @@ import psutil
 import pytest
 import requests
 
-from controller.drivers.local import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ECHO_MODEL = ROOT / "deployments" / "models" / "echo_model.py"
@@ -57,6 +57,40 @@ def wait_until(predicate, what: str, timeout: float = 20.0, interval: float = 0.
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+# Ports for the test's own listeners (serve, HAProxy, models started by a test) come from a
+# block per xdist worker below the kernel's ephemeral range (32768-60999 by default): a port
+# picked by binding port 0 and closing could be taken by another worker, or by any outgoing
+# connection, before the process that needs it binds it.
+PORTS_PER_WORKER = 1000
+_FIRST_TEST_PORT = 20000
+_next_port = itertools.count()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    base = _FIRST_TEST_PORT + (index % 12) * PORTS_PER_WORKER
+    for _ in range(PORTS_PER_WORKER):
+        port = base + next(_next_port) % PORTS_PER_WORKER
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))  # no SO_REUSEADDR: a port in TIME_WAIT is skipped too
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {base}-{base + PORTS_PER_WORKER - 1} for {worker}")
+
+
+def process_running(pid: int | None) -> bool:
+    """The process exists and has not exited (a zombie waiting for its parent has)."""
+    if not pid:
+        return False
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def accepts(port: int, host: str = "127.0.0.1") -> bool:

@@ -9,7 +9,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from conftest import ROOT
-from controller.drivers.local import free_port
+from conftest import free_port
 from controller.health import (decode_health_status, encode_health_request, grpc_health, grpc_service,
                                is_ready)
 from controller.health_checker import probe

@@ -146,7 +146,7 @@ def test_the_request_log_is_sampled_per_deployment_above_its_line_rate_and_error
 def test_a_second_haproxy_on_the_same_port_fails_instead_of_sharing_its_connections(tmp_path):
     """Without `noreuseport` HAProxy binds with SO_REUSEPORT, and a second one on the same
     port would silently take a share of the first one's clients."""
-    from controller.drivers.local import free_port
+    from conftest import free_port
     port = free_port()
     procs = []
     try:

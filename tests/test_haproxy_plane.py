@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from controller.contracts import Snapshot, SyncReply
-from controller.drivers.local import free_port
+from conftest import free_port
 from gateway.haproxy_config import Settings
 from gateway.haproxy_plane import HaproxyDataPlane, find_haproxy
 from conftest import ECHO_MODEL, PY, accepts, wait_until

@@ -12,17 +12,10 @@ import psutil
 import pytest
 import requests
 
-from conftest import deployment_yaml, echo_command
+from conftest import deployment_yaml, echo_command, process_running
 
 RULE = "Deploy-Route-Rule"
 TARGET = "Deploy-Route-Target"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def test_only_instance_crashing_while_requests_arrive_holds_them_and_starts_a_replacement(serve):
@@ -115,7 +108,7 @@ def test_a_deleted_database_never_orphans_instances_nor_exceeds_max_replicas(ser
     over = again.get("/d/hello/whoami", headers={RULE: "scale-out"})
     assert (over.status_code, over.json()["code"]) == (429, 1007)  # maxReplicas 3 holds
     assert again.get("/d/hello/whoami").headers[TARGET] in ids
-    again.wait_for(lambda: not _alive(pids[gone_id]), what="the unwanted orphan stopped")
+    again.wait_for(lambda: not process_running(pids[gone_id]), what="the unwanted orphan stopped")
 
 
 def test_a_corrupt_database_adopts_what_runs(serve):

@@ -13,7 +13,8 @@ from pathlib import Path
 import psutil
 
 from conftest import ECHO_MODEL, PY, ROOT, deployment_yaml, echo_command, start_serve
-from controller.drivers.local import LocalDriver, free_port
+from controller.drivers.local import LocalDriver
+from conftest import free_port
 from controller.loader import load_text
 from controller.store import Store
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.drivers.local import free_port
+from conftest import free_port
 from controller.errors import AutoDeployError
 from controller.policy.fetch import MAX_BACKOFF_S, fetch_retry_delay, next_poll_at
 from controller.sources import SourceWatcher
