@@ -28,9 +28,12 @@ def test_counts_of_all_workers_add_up_and_a_dead_worker_is_forgotten(tmp_path: P
         w.start()
     for r in readies:
         assert r.wait(30)
-    assert {rows.get(timeout=5), rows.get(timeout=5)} == {0, 1}  # one row each
+    # One row each. Which ones depends on timing: a claimer briefly locks every free row it
+    # zeroes, so a worker claiming at the same moment may skip one.
+    claimed = {rows.get(timeout=5), rows.get(timeout=5)}
+    assert len(claimed) == 2
     reader = SharedInflight(path)
-    assert reader.row == 2
+    assert reader.row not in claimed
     assert reader.count(7) == 7
     assert reader.count(8) == 0
     workers[0].kill()
