@@ -160,17 +160,21 @@ class HaproxyProcess:
         old_worker = self.api.info().get("Pid")
         os.kill(pid, signal.SIGUSR2)
         deadline = time.monotonic() + RELOAD_TIMEOUT_S
+        answering: Any = None
         while time.monotonic() < deadline:
             try:
                 # Until the old worker lets go of the Runtime API socket, a connection may still
                 # reach it and read the old config (then `add server` of a server the new file
                 # already has fails): done when the new worker answers and the old one is deaf.
-                if self.api.info().get("Pid") not in (None, old_worker) and not self._listens(old_worker):
+                answering = self.api.info().get("Pid")
+                if answering not in (None, old_worker) and not self._listens(old_worker):
                     return
-            except AutoDeployError:
-                pass
+            except AutoDeployError as exc:
+                answering = exc.message
             time.sleep(0.02)
-        raise AutoDeployError(errors.DATA_PLANE_UNAVAILABLE, f"haproxy reload did not finish: {self._log_tail()}")
+        raise AutoDeployError(errors.DATA_PLANE_UNAVAILABLE, f"haproxy reload did not finish in {RELOAD_TIMEOUT_S:g}s"
+                              f" (old worker {old_worker}, Runtime API answered by {answering!r}, old worker "
+                              f"still listening: {self._listens(old_worker)}): {self._log_tail()}")
 
     def _listens(self, worker: Any) -> bool:
         """The (old) worker still holds the Runtime API's listening socket."""

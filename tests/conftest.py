@@ -2,8 +2,10 @@
 deployments and state directories."""
 from __future__ import annotations
 
+import fcntl
 import itertools
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -59,28 +61,34 @@ def wait_until(predicate, what: str, timeout: float = 20.0, interval: float = 0.
     raise AssertionError(f"timed out waiting for {what}")
 
 
-# Ports for the test's own listeners (serve, HAProxy, models started by a test) come from a
-# block per xdist worker below the kernel's ephemeral range (32768-60999 by default): a port
-# picked by binding port 0 and closing could be taken by another worker, or by any outgoing
-# connection, before the process that needs it binds it.
-PORTS_PER_WORKER = 1000
-_FIRST_TEST_PORT = 20000
-_next_port = itertools.count()
+# Ports for the tests' own listeners (serve, HAProxy, models started by a test) come from
+# below the kernel's ephemeral range (32768-60999 by default), so no outgoing connection
+# takes one, and each is reserved for the life of the pytest process that picked it by a
+# lock on its byte of a shared file: another xdist worker, or another pytest run on the
+# same machine, never hands out the same port while this one may still bind it.
+TEST_PORTS = range(20000, 32000)
+_PORT_LOCKS = Path(os.environ.get("TMPDIR", "/tmp")) / "autodeploy-test-ports.lock"
+_port_fd: int | None = None
+_next_port = itertools.count(random.randrange(len(TEST_PORTS)))
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-    index = int(worker[2:]) if worker[2:].isdigit() else 0
-    base = _FIRST_TEST_PORT + (index % 12) * PORTS_PER_WORKER
-    for _ in range(PORTS_PER_WORKER):
-        port = base + next(_next_port) % PORTS_PER_WORKER
+    global _port_fd
+    if _port_fd is None:
+        _port_fd = os.open(_PORT_LOCKS, os.O_RDWR | os.O_CREAT, 0o666)
+    for _ in range(len(TEST_PORTS)):
+        port = TEST_PORTS[next(_next_port) % len(TEST_PORTS)]
+        try:
+            fcntl.lockf(_port_fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, port)
+        except OSError:
+            continue  # reserved by another live test process
         with socket.socket() as s:
             try:
                 s.bind((host, port))  # no SO_REUSEADDR: a port in TIME_WAIT is skipped too
             except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {base}-{base + PORTS_PER_WORKER - 1} for {worker}")
+                continue  # in use by something else: stays reserved here, never retried
+        return port
+    raise RuntimeError(f"no free port in {TEST_PORTS}")
 
 
 def process_running(pid: int | None) -> bool:
