@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import math
 import os
 import re
 import resource
@@ -35,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
+import psutil
 import requests
 
 from common import ECHO, PY, Serve, deployment, free_port, latencies, percentile, wait_http
@@ -90,14 +92,34 @@ backend b
 """
 
 
-def wrk(url: str, seconds: float, conns: int = 32) -> float:
+def wrk(url: str, seconds: float, conns: int = 32, proxy: list[psutil.Process] | None = None) -> tuple[float, float]:
+    """Requests/s, and the CPU seconds per request the `proxy` processes spent (NaN without)."""
+    before = cpu_seconds(proxy)
     out = subprocess.run(["wrk", "-t2", f"-c{conns}", f"-d{seconds:g}s", url], capture_output=True, text=True,
                          timeout=seconds + 60).stdout
+    used = cpu_seconds(proxy) - before
     m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    n = re.search(r"(\d+) requests in", out)
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if not m or errors:
+    if not m or not n or errors:
         raise RuntimeError(f"wrk {url}: {out}")
-    return float(m.group(1))
+    return float(m.group(1)), (used / int(n.group(1)) if proxy else math.nan)
+
+
+def cpu_seconds(procs: list[psutil.Process] | None) -> float:
+    total = 0.0
+    for p in procs or []:
+        try:
+            total += sum(p.cpu_times()[:2])
+        except psutil.Error:
+            pass
+    return total
+
+
+def haproxy_processes(master_pid: int) -> list[psutil.Process]:
+    """A master-worker HAProxy: the master and its workers (the CPU a request costs it)."""
+    master = psutil.Process(master_pid)
+    return [master, *master.children(recursive=True)]
 
 
 def backend_command(workdir: Path) -> str:
@@ -275,9 +297,13 @@ def main() -> None:
             assert requests.get(url, timeout=60).status_code == 200  # cold start the backend instance
             targets[f"project {plane}"] = url
         time.sleep(1.0)  # HAProxy has its server: warm traffic no longer passes the activator
+        proxies = {"HAProxy alone": haproxy_processes(procs[1].pid)}
+        if "haproxy" in serves:
+            pid_file = serves["haproxy"].tmp / "state" / "haproxy" / "haproxy.pid"
+            proxies["project haproxy"] = haproxy_processes(int(pid_file.read_text().split()[0]))
         for name, url in targets.items():
             wait_http(url)
-            results.setdefault(name, {}).update(lat=[], tput=[])
+            results.setdefault(name, {}).update(lat=[], tput=[], cpu=[])
         # Interleaved rounds, medians reported: this shared machine's load drifts by 2x
         # within a minute, and every column should see the same drift.
         for _ in range(args.rounds):
@@ -285,9 +311,12 @@ def main() -> None:
                 host, port = url.split("/")[2].split(":")
                 latencies(host, int(port), "/" + url.split("/", 3)[3], 200)
                 results[name]["lat"] += latencies(host, int(port), "/" + url.split("/", 3)[3], args.requests)
-                results[name]["tput"].append(wrk(url, args.seconds))
+                rps, cpu = wrk(url, args.seconds, proxy=proxies.get(name))
+                results[name]["tput"].append(rps)
+                results[name]["cpu"].append(cpu)
         for name in targets:
             results[name]["tput"] = percentile(results[name]["tput"], 50)
+            results[name]["cpu"] = percentile(results[name]["cpu"], 50)
         for plane in PLANES:
             results[f"project {plane}"].update(held(serves[plane], args))
     finally:
@@ -307,6 +336,13 @@ def main() -> None:
     row("", cols)
     row("32 connections, requests/s", [f"{results[c]['tput']:.0f}" for c in cols])
     row("  vs HAProxy alone", [f"{results[c]['tput'] / results['HAProxy alone']['tput']:.2f}x" for c in cols])
+    # CPU per request of HAProxy itself: what the project's rules cost, whatever else the
+    # shared cores are doing (the throughput ratio moves with the host's noise).
+    row("HAProxy CPU per request", [f"{results[c]['cpu'] * 1e6:.1f} us" if not math.isnan(results[c]['cpu'])
+                                    else "" for c in cols])
+    alone_cpu = results["HAProxy alone"]["cpu"]
+    row("  vs HAProxy alone, by CPU", [f"{alone_cpu / results[c]['cpu']:.2f}x" if not math.isnan(results[c]['cpu'])
+                                   else "" for c in cols])
     row("1 connection, p50", [f"{percentile(results[c]['lat'], 50) * 1e3:.3f} ms" for c in cols])
     row("  added over direct", [f"{(percentile(results[c]['lat'], 50) - direct_p50) * 1e3:+.3f} ms" for c in cols])
     row("1 connection, p99", [f"{percentile(results[c]['lat'], 99) * 1e3:.3f} ms" for c in cols])
