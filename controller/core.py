@@ -419,7 +419,8 @@ class Controller:
 
     def _recover(self, inst: Instance) -> None:
         """An instance this serve's state dir started that the store does not know (the database
-        was lost or corrupt): adopted when it is wanted and fits, else stopped; never orphaned."""
+        was lost or corrupt): adopted when it is wanted and fits (as starting while it still loads
+        its model), else stopped; never orphaned."""
         fleet = self.fleet
         how = "its process environment" if self.driver.name == "local" else "its container labels"
         rt = self.deps.get(inst.deployment)
@@ -441,14 +442,17 @@ class Controller:
             fleet.event(inst.deployment or "controller", "lost", f"found by {how}, not in the store, but "
                         f"{why or 'it is gone'}: nothing to adopt", inst.id)
             return
-        if why is None and rt is not None and not self.probes.ready(
-                inst, rt.spec.load_balancer.health_check, self.driver.tcp_accept_means_ready, rt.spec.protocol):
-            why = "it is not ready"
         if why is None and rt is not None:
-            self.store.put_instance(inst, self.driver.name, READY.value, fleet.price(rt.spec))
+            ready = self.probes.ready(inst, rt.spec.load_balancer.health_check, self.driver.tcp_accept_means_ready,
+                                      rt.spec.protocol)
+            self.store.put_instance(inst, self.driver.name, (READY if ready else STARTING).value, fleet.price(rt.spec))
+            said = (f"found by {how}, not in the store (the database was lost or corrupt): adopted, "
+                    f"pid {inst.pid} port {inst.port}")
             with fleet:
-                fleet.adopt(rt, inst, rt.revision_number, f"found by {how}, not in the store (the database was "
-                            f"lost or corrupt): adopted, pid {inst.pid} port {inst.port}", node=inst.node)
+                if ready:
+                    fleet.adopt(rt, inst, rt.revision_number, said, node=inst.node)
+                else:  # still loading its model: awaited within startTimeout, not killed and started over
+                    fleet.adopt_starting(rt, inst, rt.revision_number, said)
             return
         try:
             self.driver.stop(inst, self.stop_timeout)

@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 # The end-to-end tests mostly wait on processes and sockets: four pytest workers keep two
-# cores busy (about 10 min instead of 30+). TEST_WORKERS=0 runs in one process.
+# cores busy (about 5 min for ~950 tests on 2 cores). TEST_WORKERS=0 runs in one process.
 exec .venv/bin/python -m pytest -n "${TEST_WORKERS:-4}" "$@"

@@ -158,8 +158,9 @@ class FakeDriver:
     name = "fake"
     tcp_accept_means_ready = True
 
-    def __init__(self, auto_ready: bool = True) -> None:
+    def __init__(self, auto_ready: bool = True, owner: str | None = None) -> None:
         self.auto_ready = auto_ready
+        self.owner = owner  # like LocalDriver/DockerDriver: instances carry it; discover finds them by it
         self.procs: dict[str, FakeProcess] = {}
         self.calls: list[tuple[str, str]] = []  # (call, instance id), in order
         self._ports = itertools.count(20_000)
@@ -197,7 +198,8 @@ class FakeDriver:
     def start(self, dep: Deployment, instance_id: str, gpu_ids: list[str], node: str | None = None) -> Instance:
         self._call("start", instance_id)
         inst = Instance(id=instance_id, deployment=dep.name, revision=dep.revision, host="127.0.0.1",
-                        port=next(self._ports), started_at=time.time(), pid=None, gpu_ids=list(gpu_ids), node=node)
+                        port=next(self._ports), started_at=time.time(), pid=None, gpu_ids=list(gpu_ids), node=node,
+                        owner=self.owner)
         self.procs[instance_id] = FakeProcess(dep, inst, ready=self.auto_ready)
         return inst
 

@@ -440,6 +440,32 @@ def test_an_instance_still_loading_when_the_controller_died_is_awaited_not_kille
         first.c.shutdown()
 
 
+def test_a_lost_store_adopts_a_loading_instance_as_starting_and_stops_an_unwanted_one(tmp_path: Path):
+    """The database is gone: discover finds this serve's instances by their owner mark. A wanted
+    one still loading its model is awaited (not killed and started over); an unwanted one stops."""
+    driver = FakeDriver(auto_ready=False, owner="state-1")
+    first = make(tmp_path / "first", driver=driver)
+    first.apply(dep("a", min_replicas=1, start_timeout="60s"), dep("b", min_replicas=1))
+    first.c.tick()
+    (a1,) = first.settle("a", "starting")
+    (b1,) = first.settle("b", "starting")
+    second = make(tmp_path / "second", driver=driver)  # a new, empty store
+    try:
+        second.apply(dep("a", min_replicas=1, start_timeout="60s"))  # b is no longer in the files
+        second.c.adopt_stored()
+        assert [r.id for r in second.recs("a")] == [a1.id] and second.phases("a") == ["starting"]
+        assert "adopted" in second.kinds("a") and "not in the store" in second.store.events("a", limit=5)[-1].message
+        assert ("stop", a1.id) not in driver.calls
+        assert ("stop", b1.id) in driver.calls and b1.id not in driver.running()
+        assert second.kinds("b") == ["stopped"]
+        assert [s.instance.id for s in second.store.instances()] == [a1.id]
+        driver.make_ready(a1.id)
+        wait_until(lambda: second.phases("a") == ["ready"], "the adopted instance becomes ready")
+    finally:
+        second.c.shutdown()
+        first.c.shutdown()
+
+
 def test_a_running_instance_not_in_the_store_is_reported_and_left_alone(tmp_path: Path):
     first = make(tmp_path)
     first.apply(dep("a", min_replicas=1))
