@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="*", metavar="PATH")
     p.add_argument("--stack", default="dev", help="stack whose driver and gateway port the PORT check uses")
     p.add_argument("--project-dir", type=Path, default=Path("."), help="where Pulumi.yaml is (default .)")
+    add_output(p)
 
     p = sub.add_parser("serve", help="run the controller and the gateway in the foreground")
     p.add_argument("--deployments", type=Path, help="directory of Deployment YAML (default: the stack's)")
@@ -125,7 +126,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from controller.validate import run_validate, stack_gateway_port, stack_secrets
     return run_validate(args.paths, sys.stdout, sys.stderr,
                         local_gateway_port=stack_gateway_port(args.project_dir.resolve(), args.stack),
-                        secrets=stack_secrets(args.project_dir.resolve(), args.stack))
+                        secrets=stack_secrets(args.project_dir.resolve(), args.stack), output=args.output)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -1,6 +1,7 @@
 """`autodeploy validate PATH...`: check Deployment YAML before it is committed or served."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -14,7 +15,7 @@ USAGE = "usage: autodeploy validate PATH... (Deployment YAML files, or directori
 
 
 def run_validate(paths: list[str], out: TextIO, err: TextIO, require_image: bool = False,
-                 local_gateway_port: int | None = None, secrets: Any = None) -> int:
+                 local_gateway_port: int | None = None, secrets: Any = None, output: str = "table") -> int:
     """Print every error as FILE:LINE: message to `err` and one line per valid deployment to `out`.
 
     Returns 0 when everything is valid, 1 when anything is invalid, 2 on a usage error.
@@ -22,6 +23,8 @@ def run_validate(paths: list[str], out: TextIO, err: TextIO, require_image: bool
     `local_gateway_port` warns about commands that ignore ${PORT} (the local driver's trap).
     Warnings (`FILE:LINE: warning: ...`) go to `err` and never change the exit code.
     `secrets` (controller.secrets.SecretSource): every `{secret: KEY}` must resolve from it.
+    `output="json"`: one JSON document on `out` instead (valid, deployments, errors, warnings,
+    notes), with the same exit code; usage errors stay text on `err`.
     """
     if not paths:
         print(USAGE, file=err)
@@ -45,16 +48,27 @@ def run_validate(paths: list[str], out: TextIO, err: TextIO, require_image: bool
         bad = {(e.file, e.line) for e in lacking}
         result.deployments = [d for d in result.deployments
                               if not any((d.source_file, d.secret_lines.get(n)) in bad for n in d.secret_env)]
+    from controller.renames import rename_notes
+    notes = [note for file in sorted({d.source_file for d in result.deployments})
+             for note in rename_notes(Path(file), [d.name for d in result.deployments if d.source_file == file])]
+    if output == "json":
+        json.dump({"valid": not result.errors,
+                   "deployments": [{"name": d.name, "file": d.source_file, "line": d.source_line,
+                                    "model": d.model_id, "version": d.model_version, "revision": d.revision}
+                                   for d in result.deployments],
+                   "errors": [{"file": e.file, "line": e.line, "message": e.message} for e in result.errors],
+                   "warnings": [{"file": w.file, "line": w.line, "message": w.message} for w in result.warnings],
+                   "notes": notes}, out, indent=2)
+        out.write("\n")
+        return EXIT_INVALID if result.errors else EXIT_OK
     for warning in result.warnings:
         print(_warning(warning), file=err)
     for error in result.errors:
         print(error, file=err)
     for d in result.deployments:
         print(f"ok  {d.source_file}:{d.source_line}  {d.name} ({d.model_id}@{d.model_version})", file=out)
-    from controller.renames import rename_notes
-    for file in sorted({d.source_file for d in result.deployments}):
-        for note in rename_notes(Path(file), [d.name for d in result.deployments if d.source_file == file]):
-            print(note, file=out)
+    for note in notes:
+        print(note, file=out)
     if result.errors:
         bad_files = len({e.file for e in result.errors})
         print(f"{_plural(len(result.errors), 'error')} in {_plural(bad_files, 'file')}", file=err)

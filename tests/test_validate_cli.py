@@ -101,3 +101,23 @@ def test_console_script_validates_the_examples_and_fails_on_errors(tmp_path):
     missing = subprocess.run([str(CONSOLE_SCRIPT), "validate", "no/such/dir"], cwd=REPO,
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "no/such/dir" in missing.stderr
+
+
+def test_json_output_carries_every_deployment_error_and_warning_with_the_same_exit_code(tmp_path):
+    import json
+    (tmp_path / "a.yaml").write_text(GOOD)
+    (tmp_path / "b.yaml").write_text(GOOD.replace("good", "Bad_Name"))
+    out, err = io.StringIO(), io.StringIO()
+    assert run_validate([str(tmp_path)], out, err, output="json") == EXIT_INVALID
+    doc = json.loads(out.getvalue())
+    assert err.getvalue() == "" and doc["valid"] is False
+    (ok,) = doc["deployments"]
+    assert (ok["name"], ok["file"], ok["line"], ok["model"], ok["version"]) == ("good", str(tmp_path / "a.yaml"), 1,
+                                                                                "m", "v3")
+    assert len(ok["revision"]) >= 12
+    (bad,) = doc["errors"]
+    assert (bad["file"], bad["line"]) == (str(tmp_path / "b.yaml"), 4) and "not a DNS label" in bad["message"]
+    (tmp_path / "b.yaml").unlink()
+    cli = subprocess.run([str(CONSOLE_SCRIPT), "validate", "-o", "json", str(tmp_path)], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert cli.returncode == EXIT_OK and json.loads(cli.stdout)["valid"] is True, cli.stderr
