@@ -1,6 +1,6 @@
 """Access control end to end: a real `autodeploy serve`, real HTTP, the real CLI.
 
-Every role against every kind of call, every 401/403, CSRF attempts, the audit trail,
+Every role against every kind of call, every 401/403 and CSRF attempts (on both data planes), the audit trail,
 what is stored on disk, and the loopback-only `--insecure-no-auth`."""
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ ADMIN = [("GET", "/api/tokens", None), ("POST", "/api/tokens", {"name": "x", "ro
          ("POST", "/api/deployments/hello/delete", {"yes": True})]
 
 
-def test_every_role_gets_what_it_may_and_401_or_403_otherwise(serve):
+def test_every_role_gets_what_it_may_and_401_or_403_otherwise(serve, data_plane):
     s = serve({"hello.yaml": deployment_yaml("hello")})
     viewer, operator = make_token(s, "viewer", "ci-viewer"), make_token(s, "operator", "ops")
     assert viewer.startswith("adt_") and viewer != operator
@@ -171,7 +171,7 @@ def test_local_cli_finds_admin_token_in_the_state_dir_and_restart_keeps_it(serve
     assert call(s2, "GET", "/api/deployments", first).json()["code"] == 1031
 
 
-def test_csrf_attempts_are_refused(serve):
+def test_csrf_attempts_are_refused(serve, data_plane):
     s = serve({"hello.yaml": deployment_yaml("hello")})
     auth = bearer_of(s.token)
     url = s.url + "/api/deployments/hello/stop"
