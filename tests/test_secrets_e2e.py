@@ -74,6 +74,14 @@ def test_a_secret_reaches_only_the_instance_environment(serve, tmp_path, monkeyp
     answers.append(s.get("/d/leaky/whoami"))
     for r in answers:
         assert value not in r.text, r.url
+    # What the CLI prints from those answers: tables, diffs and JSON.
+    cli = str(Path(PY).parent / "autodeploy")
+    env = {"PATH": "/usr/bin:/bin", "AUTODEPLOY_TOKEN": s.token}
+    for args in (["status"], ["status", "sec"], ["history", "sec"], ["diff"], ["diff", "sec"], ["describe", "sec"],
+                 ["describe", "leaky"], ["events"], ["rollout", "status", "sec"], ["status", "-o", "json"]):
+        out = subprocess.run([cli, *args, "--url", s.url], capture_output=True, text=True, timeout=60, env=env)
+        assert out.returncode == 0, (args, out.stderr)
+        assert value not in out.stdout + out.stderr, args
     assert s.terminate() == 0
     assert value not in s.log()
     found = []
