@@ -330,3 +330,31 @@ def test_a_database_from_before_git_sources_is_migrated_and_keeps_its_revisions(
     assert store.revision_commit("hello", 2) == commit and store.revision_commit("hello", 1) is None
     store.close()
     Store(path).close()  # opening a migrated database again changes nothing
+
+
+def test_a_sync_that_outlasts_its_timeout_answers_1063_and_the_poll_goes_on(tmp_path):
+    """A remote that accepts the connection and never answers: the sync gives up after its
+    timeout with 1063 (the poll keeps running, bounded by the fetch timeout)."""
+    import socket
+    import threading
+    import time
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", free_port()))
+    silent.listen(8)  # never accepted, never answered
+    src = source(tmp_path, f"http://127.0.0.1:{silent.getsockname()[1]}/repo.git", interval="24h")
+    watcher = SourceWatcher(src, lambda update: None)
+    stop = threading.Event()
+    thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        t = time.monotonic()
+        with pytest.raises(AutoDeployError) as exc:
+            watcher.sync(timeout=1.0)
+        assert exc.value.error.code == 1063 and exc.value.error.http_status == 504
+        assert "no poll finished within 1 s" in exc.value.message and time.monotonic() - t < 30
+    finally:
+        silent.close()  # the hanging fetch now fails at once and the poll ends
+        stop.set()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert src.status()["last_fetch_error"]

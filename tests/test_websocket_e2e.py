@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import ExitStack
 
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -142,3 +143,25 @@ def test_grpc_deployment_answers_1070_in_python_mode(serve):
     assert r.status_code == 501
     assert r.json()["code"] == 1070
     assert s.status("g")["status"] == "Standby"  # nothing was started for a request it cannot carry
+
+
+def test_a_worker_full_of_tunnels_refuses_the_next_with_1071_and_still_answers_plain_requests(serve):
+    """Python mode, one gevent worker with 8 connections: 6 tunnels (three quarters) may be
+    open; the seventh handshake gets 503/1071 with Retry-After, plain requests still pass,
+    and a closed tunnel frees its slot."""
+    s = serve({"ws.yaml": ws_yaml()}, "--workers", "1", "--worker-connections", "8")
+    warm(s)
+    with ExitStack() as stack:
+        for _ in range(6):
+            ws = stack.enter_context(connect(ws_url(s, "/d/ws/echo"), open_timeout=30))
+            ws.send("hi")
+            assert ws.recv(timeout=30) == "hi"
+        with pytest.raises(InvalidStatus) as refused:
+            connect(ws_url(s, "/d/ws/echo"), open_timeout=30)
+        assert refused.value.response.status_code == 503
+        assert json.loads(refused.value.response.body)["code"] == 1071
+        assert refused.value.response.headers["Retry-After"]
+        assert s.get("/d/ws/health", timeout=10).status_code == 200
+    with connect(ws_url(s, "/d/ws/echo"), open_timeout=30) as again:  # the slots came back
+        again.send("back")
+        assert again.recv(timeout=30) == "back"
