@@ -13,6 +13,9 @@ import requests
 from conftest import PY, deployment_yaml
 
 BACKEND = Path(__file__).resolve().parent / "raw_backend.py"
+# It reads $PORT; naming ${PORT} in the command gets each instance its own free port (a
+# command without it listens on spec.port, which parallel tests would share).
+RAW = f"PORT=${{PORT}} {PY} {BACKEND}"
 
 
 def raw_http(url: str, request: bytes, timeout: float = 30.0) -> tuple[bytes, bool]:
@@ -39,19 +42,36 @@ def get(url: str, target: str) -> tuple[int, bytes]:
 
 @pytest.fixture
 def backend(serve):
-    return serve({"be.yaml": deployment_yaml("be", f"{PY} {BACKEND}", health="/health", idle="2s",
+    return serve({"be.yaml": deployment_yaml("be", RAW, health="/health", idle="2s",
                                              extra_spec="requestTimeout: 1s")})
+
+
+@pytest.fixture
+def warm_backend(serve, data_plane):
+    """The raw backend already running, and in haproxy mode programmed into HAProxy: the
+    requests under test take the warm path of the data plane (HAProxy, or the gateway)."""
+    s = serve({"be.yaml": deployment_yaml("be", RAW, health="/health", idle="5m",
+                                          extra_spec="requestTimeout: 1s")})
+    assert s.get("/d/be/health").status_code == 200
+    ids = {i["id"] for i in s.instances("be")}
+    s.wait_for(lambda: s.routing_settled("be", ids), what="the instance routed by the data plane")
+    return s
 
 
 TARGETS = ["/a%2Fb%3Fc", "/x%20HTTP/1.1", "/x%0d%0aInjected:%201", "/%2541", "/%C3%A9", "/%FF%FE", "/%C4%80",
            "/p;m=1/q?x=%2F&y=a+b#", "//double//slash", "/?", "/caf%C3%A9?q=%E2%82%AC"]
 
 
-def test_request_target_reaches_the_instance_byte_for_byte(backend):
+def test_request_target_reaches_the_instance_byte_for_byte(warm_backend, data_plane):
     for target in TARGETS:
-        status, body = get(backend.url, "/d/be" + target)
+        status, body = get(warm_backend.url, "/d/be" + target)
+        if data_plane == "haproxy" and target.endswith("#"):
+            # A fragment is not allowed in a request target (RFC 9112): HAProxy 2.6 refuses it
+            # in its connection layer with its own 400 page (README, known limits).
+            assert status == 400, body
+            continue
         assert (status, body) == (200, repr(f"GET {target} HTTP/1.1\r\n".encode()).encode()), target
-    status, body = get(backend.url, "/d/be?only=query")
+    status, body = get(warm_backend.url, "/d/be?only=query")
     assert body == repr(b"GET /?only=query HTTP/1.1\r\n").encode()
 
 
@@ -84,12 +104,17 @@ def test_upstream_parse_errors_are_coded_502(backend):
 
 
 @pytest.mark.parametrize("target", ["/cut-big", "/cut-chunked", "/bad-chunk"])
-def test_upstream_breaking_mid_response_aborts_the_client_connection_at_once(backend, target):
+def test_upstream_breaking_mid_response_aborts_the_client_connection_at_once(warm_backend, data_plane, target):
     # Keep-alive: without the abort the gateway would hold this connection open (75 s) with a
     # short body, and the client could not tell it from a whole one.
-    data, closed = raw_http(backend.url, f"GET /d/be{target} HTTP/1.1\r\nHost: t\r\n\r\n".encode(), timeout=20)
-    assert closed, "the gateway kept the connection of a broken response open"
+    data, closed = raw_http(warm_backend.url, f"GET /d/be{target} HTTP/1.1\r\nHost: t\r\n\r\n".encode(),
+                            timeout=20)
     head, _, body = data.partition(b"\r\n\r\n")
+    if data_plane == "haproxy" and target == "/bad-chunk":
+        # HAProxy parses the chunk sizes before it forwards anything: a coded 502 instead.
+        assert head.startswith(b"HTTP/1.1 502") and requests.models.complexjson.loads(body)["code"] == 1008
+        return
+    assert closed, "the gateway kept the connection of a broken response open"
     assert head.startswith(b"HTTP/1.1 200")
     if target == "/cut-big":
         assert len(body) < 1_000_000
