@@ -1,9 +1,10 @@
 """The dashboard in a real headless Chromium (Debian's `chromium` + `chromium-driver`, driven by
-Selenium): log in with a token, read every deployment's status word, open one, press Scale."""
+Selenium): log in with a token, read every deployment's status word, open one (cold-start phases, alerts, events), press Scale, follow a rollout to its end."""
 from __future__ import annotations
 
 import csv
 import io
+import re
 import shutil
 from pathlib import Path
 
@@ -76,11 +77,14 @@ def haproxy_gateway_requests(s) -> int:
     return sum(int(r["stot"] or 0) for r in rows if r["pxname"] == ACTIVATOR and r["svname"] == "BACKEND")
 
 
+HELLO_ALERT = "alerts: [{metric: restarts, above: 5, for: 1m}]"
+
+
 def test_log_in_see_status_words_open_a_deployment_and_scale_it(serve, browser, data_plane):
     """Both data planes: in haproxy mode every page and action goes through HAProxy."""
     crash = f"{PY} -c 'import sys; print(\"no weights\"); sys.exit(4)' ${{PORT}}"
     s = serve({
-        "hello.yaml": deployment_yaml("hello", min_replicas=1, max_replicas=3),
+        "hello.yaml": deployment_yaml("hello", min_replicas=1, max_replicas=3, extra_spec=HELLO_ALERT),
         "lazy.yaml": deployment_yaml("lazy"),
         "crashy.yaml": deployment_yaml("crashy", crash, min_replicas=1),
         "paused.yaml": deployment_yaml("paused", state="stopped"),
@@ -124,6 +128,16 @@ def test_log_in_see_status_words_open_a_deployment_and_scale_it(serve, browser, 
     assert drv.find_elements(By.CSS_SELECTOR, "svg#chart-latency") and drv.find_elements(By.CSS_SELECTOR,
                                                                                          "svg#chart-rate")
     wait.until(lambda d: text(d, "#log") not in (None, "", "no instance running"))
+    iid = s.instances("hello")[0]["id"]
+    # The sections an operator reads at 3 a.m.: how the instance started (phases), the alert
+    # rule's state, and the events. Read in one step each: the live refresh redraws them.
+    starts = wait.until(lambda d: (t := text(d, "#cold-starts")) and iid in t and t)
+    assert "minReplicas" in starts and "ready" in starts, starts
+    assert re.search(r"\d+(\.\d+)? ?ms", starts), starts  # the phase columns carry durations
+    alerts = wait.until(lambda d: text(d, "#alerts"))
+    assert "ok" in alerts and "restarts > 5 for 1m" in alerts, alerts
+    events = wait.until(lambda d: (t := text(d, "#events")) and "ready" in t and t)
+    assert iid in events and "applied" in events, events
     shot(drv, f"2-deployment-{data_plane}")
 
     box = drv.find_element(By.ID, "replicas")
@@ -139,6 +153,14 @@ def test_log_in_see_status_words_open_a_deployment_and_scale_it(serve, browser, 
                for m in audit), audit  # the audit trail names the dashboard session's token
     assert "replicas" in (text(drv, "#drift") or "")  # the scale shows as drift from the file
     shot(drv, f"3-scaled-{data_plane}")
+
+    # A new revision committed to the file: the page follows its rollout to the end.
+    (s.deployments / "hello.yaml").write_text(
+        deployment_yaml("hello", min_replicas=1, max_replicas=3, extra_spec=HELLO_ALERT).replace("version: v1",
+                                                                                              "version: v2"))
+    rolled = wait.until(lambda d: (t := text(d, "#rollout")) and "succeeded" in t and t)
+    assert "rolling" in rolled and re.search(r"revision 1\s*→\s*2\b", rolled), rolled
+    shot(drv, f"4-rolled-out-{data_plane}")
 
 
 def test_viewer_cannot_act_and_a_forged_action_is_refused(serve, browser):
