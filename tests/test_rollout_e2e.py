@@ -6,6 +6,7 @@ tests see which revision answered. "Failed" means anything but HTTP 200, or no a
 """
 from __future__ import annotations
 
+import re
 import subprocess
 import threading
 import time
@@ -197,6 +198,11 @@ def test_canary_splits_traffic_by_weight_and_promotes(serve, data_plane):
     assert traffic.failed() == []
     log = events(s, "can")
     assert any("canary step 1/2 (30%): passed: error rate 0.000" in e for e in log), log
+    described = subprocess.run([str(Path(PY).parent / "autodeploy"), "describe", "can", "--url", s.url],
+                               capture_output=True, text=True, timeout=60,
+                               env={"PATH": "/usr/bin:/bin", "AUTODEPLOY_TOKEN": s.token})
+    assert re.search(r"^Rollout: canary \w+ 1 -> 2: succeeded, step 2/2, started .+ ago$", described.stdout, re.M), \
+        described.stdout + described.stderr
 
 
 def test_rolling_update_whose_instances_exit_rolls_back_by_itself(serve):
