@@ -92,6 +92,32 @@ def test_open_tunnel_blocks_idle_release_until_it_closes(serve, data_plane):
     s.wait_for(lambda: s.status("ws")["status"] == "Standby", timeout=30, what="release after the tunnel closed")
 
 
+def test_a_rolling_update_drains_an_instance_with_an_open_tunnel_until_it_closes(serve, data_plane):
+    """The old instance leaves the routing at once but is stopped only when its tunnel ends
+    (bounded by tunnelTimeout): the WebSocket keeps working through the whole rollout."""
+    s = serve({"ws.yaml": ws_yaml()})
+    warm(s)
+    with connect(ws_url(s, "/d/ws/echo"), open_timeout=60) as ws:
+        old = ws.response.headers[TARGET]
+        s.wait_for(lambda: s.instances("ws")[0]["in_flight"] == 1, what="tunnel in flight")
+        (s.deployments / "ws.yaml").write_text(ws_yaml(extra_spec="env: {REVISION_MARK: '2'}"))
+        s.wait_for(lambda: any(i["id"] != old and i["state"] == "ready" for i in s.instances("ws")),
+                   timeout=60, what="the new revision's instance ready")
+        s.wait_for(lambda: {i["id"]: i["state"] for i in s.instances("ws")}.get(old) == "draining",
+                   what="the old instance draining")
+        new = [i["id"] for i in s.instances("ws") if i["id"] != old]
+        assert s.get("/d/ws/health").headers[TARGET] in new  # new requests avoid the draining one
+        time.sleep(2.0)  # the drain waits on the open tunnel, not on a short fixed timer
+        assert {i["id"]: i["state"] for i in s.instances("ws")}.get(old) == "draining"
+        for n in range(3):
+            ws.send(f"during the rollout {n}")
+            assert ws.recv(timeout=30) == f"during the rollout {n}"
+    s.wait_for(lambda: old not in [i["id"] for i in s.instances("ws")], timeout=30,
+               what="the old instance stopped once its tunnel closed")
+    kinds = [(e["kind"], e["instance"]) for e in s.get("/api/events?deployment=ws&limit=200").json()]
+    assert ("failed", old) not in kinds
+
+
 def test_silent_tunnel_is_closed_after_tunnel_idle_timeout(serve, data_plane):
     s = serve({"ws.yaml": ws_yaml(extra_spec="tunnelTimeout: 1m\ntunnelIdleTimeout: 1s")})
     warm(s)
