@@ -186,6 +186,18 @@ class Served:
         except psutil.NoSuchProcess:
             return []
 
+    def crash(self) -> None:
+        """SIGKILL serve and its gateway workers, leaving the instances (and a detached HAProxy)
+        running, as a crash of the controller would."""
+        gateway = [c for c in self.descendants() if "gunicorn" in " ".join(c.cmdline())]
+        self.proc.kill()
+        self.proc.wait()
+        for c in gateway:
+            try:
+                c.kill()
+            except psutil.Error:
+                pass
+
     def terminate(self, sig: int = signal.SIGTERM, timeout: float = 40.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)

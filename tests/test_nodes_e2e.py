@@ -246,6 +246,18 @@ def test_two_engines_spread_fail_over_and_reconcile_when_the_second_returns(
         table = _nodes_cli(s.url)
         assert "second" in table and "127.0.0.2" in table and "pool=second" in table
 
+        # A crashed serve restarted on the same state dir adopts its containers on both nodes.
+        s.crash()
+        s = serve(files, "--stack", "i13", "--project-dir", str(project), state_dir=s.state_dir,
+                  port=int(s.url.rsplit(":", 1)[1]))
+        assert {i["id"]: i["node"] for i in s.instances("i13spread")} == spread
+        assert [(i["id"], i["node"]) for i in s.instances("i13pinned")] == [(pinned["id"], "second")]
+        adopted = [e["instance"] for e in s.get("/api/events?limit=1000").json() if e["kind"] == "adopted"]
+        assert sorted(adopted) == sorted([*spread, pinned["id"]])
+        for iid in on_second:
+            r = s.get("/d/i13spread/health", headers={"Deploy-Route-Rule": iid})
+            assert (r.status_code, r.headers[TARGET]) == (200, iid)
+
         # Stop the second engine under load: its instances leave routing and are replaced on main.
         with Load(s.url + "/d/i13spread/health") as load:
             s.wait_for(lambda: len(load.results) > 20, what="load running")

@@ -8,7 +8,6 @@ import signal
 import threading
 import time
 
-import psutil
 import pytest
 import requests
 
@@ -78,24 +77,12 @@ def test_a_cold_start_that_fails_is_answered_at_once_not_held(serve):
     assert [e["kind"] for e in s.status("bad")["events"]].count("failed") == 1
 
 
-def _kill_serve(s) -> None:
-    """SIGKILL serve and its gateway, leaving the instances running (as a crash would)."""
-    gateway = [c for c in s.descendants() if "gunicorn" in " ".join(c.cmdline())]
-    s.proc.kill()
-    s.proc.wait()
-    for c in gateway:
-        try:
-            c.kill()
-        except psutil.Error:
-            pass
-
-
 def test_a_deleted_database_never_orphans_instances_nor_exceeds_max_replicas(serve):
     s = serve({"hello.yaml": deployment_yaml("hello", max_replicas=3), "gone.yaml": deployment_yaml("gone")})
     ids = {s.get("/d/hello/whoami", headers={RULE: "scale-out"}).headers[TARGET] for _ in range(3)}
     gone_id = s.get("/d/gone/whoami").headers[TARGET]
     pids = {i["id"]: i["pid"] for i in s.instances("hello") + s.instances("gone")}
-    _kill_serve(s)
+    s.crash()
     for f in s.state_dir.glob("autodeploy.db*"):
         f.unlink()
     (s.deployments / "gone.yaml").unlink()  # its instance is no longer wanted
@@ -118,7 +105,7 @@ def test_a_deleted_database_never_orphans_instances_nor_exceeds_max_replicas(ser
 def test_a_corrupt_database_adopts_what_runs(serve):
     s = serve({"hello.yaml": deployment_yaml("hello", max_replicas=2)})
     ids = {s.get("/d/hello/whoami", headers={RULE: "scale-out"}).headers[TARGET] for _ in range(2)}
-    _kill_serve(s)
+    s.crash()
     db = s.state_dir / "autodeploy.db"
     for f in s.state_dir.glob("autodeploy.db-*"):
         f.unlink()  # the WAL would otherwise carry the rows back
@@ -145,7 +132,7 @@ def test_docker_containers_of_a_lost_database_are_adopted_by_their_owner_label(s
         iid = s.get(f"/d/{name}/health").headers[TARGET]
         [container] = client.containers.list(filters={"label": f"autodeploy.instance={iid}"})
         assert container.labels["autodeploy.owner"].endswith(str(s.state_dir.resolve()))
-        _kill_serve(s)
+        s.crash()
         for f in s.state_dir.glob("autodeploy.db*"):
             f.unlink()
         again = serve({}, "--driver", "docker", state_dir=s.state_dir)
