@@ -248,3 +248,21 @@ def test_host_policy():
     assert not wide.host_ok("attacker.example:8080")  # DNS rebinding needs a name; names must be listed
     assert wide.origin_ok("https://gpu.example.com") and not wide.origin_ok("https://gpu.example.com.evil")
     assert HostPolicy.from_env(wide.to_env()) == wide
+
+
+def test_the_local_admin_token_is_sent_only_to_a_gateway_on_this_machine(tmp_path, monkeypatch):
+    import argparse
+
+    from controller.cli_auth import client_token
+    monkeypatch.delenv("AUTODEPLOY_TOKEN", raising=False)
+    (tmp_path / "admin.token").write_text("adt_local_admin\n")
+
+    def token_for(url: str) -> str | None:
+        return client_token(argparse.Namespace(url=url, state_dir=tmp_path, project_dir=None, stack="dev"))
+    for url in ("http://127.0.0.1:8080", "http://localhost:8080", "http://[::1]:8080", "https://127.0.0.2"):
+        assert token_for(url) == "adt_local_admin", url
+    for url in ("http://gpu.example.com:8080", "http://10.0.0.5:8080", "http://127.0.0.1.evil.example:8080",
+                "http://localhost.evil.example", "http://[::1"):
+        assert token_for(url) is None, url
+    monkeypatch.setenv("AUTODEPLOY_TOKEN", "adt_from_env")  # an explicit token goes wherever --url says
+    assert token_for("http://gpu.example.com:8080") == "adt_from_env"
