@@ -124,8 +124,17 @@ def test_serve_follows_a_force_push_and_keeps_serving_while_the_repo_is_unreacha
     served = start(serve, remote)
     served.wait_for(lambda: serving_revision(served) == "1", what="hello serving revision 1")
     remote.commit("v2", hello_yaml=hello("v2"))
+    # Polling now is the operator's: a viewer gets 403, nobody at all 401 (and nothing is fetched).
+    viewer = served.post("/api/tokens", json={"name": "git-viewer", "role": "viewer"}).json()["token"]
+    refused = served.post("/api/git/sync", headers={"Authorization": f"Bearer {viewer}"})
+    assert (refused.status_code, refused.json()["code"]) == (403, 1032)
+    anonymous = served.post("/api/git/sync", auth=False)
+    assert (anonymous.status_code, anonymous.json()["code"]) == (401, 1030)
+    assert served.get("/api/git").json()["live_commit"]["sha"] == first
     assert served.post("/api/git/sync").status_code == 200
     served.wait_for(lambda: only_revision(served, 2), timeout=60, what="rollout to revision 2")
+    audit = [e["message"] for e in served.get("/api/events?limit=1000").json() if e["kind"] == "audit"]
+    assert any(m.startswith("git sync by token admin") and m.endswith(": done") for m in audit), audit
 
     # History rewritten: the branch goes back to the first commit. The tip is the desired state.
     remote.force_reset(first)
