@@ -118,6 +118,24 @@ def test_a_rolling_update_drains_an_instance_with_an_open_tunnel_until_it_closes
     assert ("failed", old) not in kinds
 
 
+def test_open_tunnels_count_as_concurrency_and_scale_the_deployment_out(serve, data_plane):
+    """targetConcurrency 2 and five silent WebSockets: the autoscaler sees five requests in
+    flight (the gateway's count, or HAProxy's sessions) and runs ceil(5/2) = 3 instances."""
+    autoscaling = "autoscaling: {enabled: true, targetConcurrency: 2, stableWindow: 6s, panicWindow: 2s}"
+    s = serve({"ws.yaml": ws_yaml(max_replicas=3).replace("    idleTimeout: 5m\n", "    idleTimeout: 5m\n    "
+                                                                                    + autoscaling + "\n")})
+    warm(s)
+    with ExitStack() as stack:
+        for _ in range(5):
+            ws = stack.enter_context(connect(ws_url(s, "/d/ws/echo"), open_timeout=60))
+            ws.send("open")
+            assert ws.recv(timeout=30) == "open"
+        s.wait_for(lambda: sum(i["state"] == "ready" for i in s.instances("ws")) == 3, timeout=60,
+                   what="scaled out to 3 on open tunnels")
+        scaled = [e["message"] for e in s.status("ws")["events"] if e["kind"] == "autoscale"]
+        assert any(" -> 3: " in m for m in scaled), scaled
+
+
 def test_silent_tunnel_is_closed_after_tunnel_idle_timeout(serve, data_plane):
     s = serve({"ws.yaml": ws_yaml(extra_spec="tunnelTimeout: 1m\ntunnelIdleTimeout: 1s")})
     warm(s)
