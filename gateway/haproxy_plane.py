@@ -282,12 +282,32 @@ class HaproxyDataPlane:
             except AutoDeployError:
                 self._keys = {}  # its config has no private deployment: the map is not loaded
         else:
-            text = render(self.settings, [])
-            self._write_keys({})
-            pid = self.process.start(text, self.settings.revision_map, "")
-            self._backends = {}
-            self._map = {}
-            log.info("started HAProxy (master pid %s) on %s:%s", pid, self.settings.bind_host, self.settings.bind_port)
+            # Started with the controller's routing as it is now, not empty and reloaded a moment
+            # later: a request in between would reach the old worker's empty config, which sends
+            # everything to the activator (a gRPC call there is a 404).
+            snapshot = self._first_snapshot()
+            deps = snapshot.deployments
+            backends = {name: backend_of(dep, name) for name, dep in deps.items()}
+            desired = {name: servers_of(dep) for name, dep in deps.items()}
+            keys = keys_of(deps)
+            self._write_keys(keys)
+            pid = self.process.start(render(self.settings, backends.values(), desired), self.settings.revision_map,
+                                     revision_map_text(desired))
+            self._backends = backends
+            self._map = self.api.show_map(self.settings.revision_map) if desired else {}
+            self._keys = dict(keys) if any(b.private for b in backends.values()) else {}
+            self._snapshot = snapshot
+            log.info("started HAProxy (master pid %s) on %s:%s with %d backend(s)", pid, self.settings.bind_host,
+                     self.settings.bind_port, len(backends))
+
+    def _first_snapshot(self) -> Snapshot:
+        """The controller's routing now (one sync without waiting); empty if it cannot answer yet."""
+        try:
+            reply = self._sync(Sync(worker=WORKER_ID, version=0, wait=0))
+        except AutoDeployError as exc:
+            log.warning("data plane: no routing from the controller yet (%s): HAProxy starts empty", exc.message)
+            return EMPTY_SNAPSHOT
+        return reply.snapshot or EMPTY_SNAPSHOT
 
     def close(self, stop_haproxy: bool, timeout: float = 30.0) -> None:
         self._stop.set()

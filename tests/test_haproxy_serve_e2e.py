@@ -46,12 +46,16 @@ def _served_by_haproxy(s, iid: str) -> int:
 def test_warm_requests_go_through_haproxy_and_only_the_cold_one_through_the_activator(serve):
     s = serve({"hello.yaml": deployment_yaml("hello")}, "--data-plane", "haproxy")
     assert "data plane haproxy" in s.log()
+    # HAProxy starts with the deployments' backends already in its config: never an empty
+    # config reloaded a moment later, which would send the first requests to the activator.
+    assert "with 1 backend(s)" in s.log()
     iid = s.get("/d/hello/whoami").headers[TARGET]  # cold: held by the activator
     s.wait_for(lambda: any(st.name == iid for st in _api(s).show_stat()), what="server added to HAProxy")
     for _ in range(10):
         r = s.get("/d/hello/whoami")
         assert r.status_code == 200 and r.headers[TARGET] == iid and r.headers["Deploy-Revision"] == "1"
     assert _served_by_haproxy(s, iid) == 10
+    assert "HAProxy reloaded" not in s.log()
     # the status API keeps its fields: requests counted from HAProxy's log and stats
     s.wait_for(lambda: s.status("hello")["metrics"]["requests"] >= 11, what="requests in the status API")
     assert s.instances("hello")[0]["requests_served"] >= 10
@@ -68,7 +72,8 @@ def test_data_plane_outlives_a_sigkilled_serve_and_the_next_serve_adopts_it(serv
         r = s.get("/d/hello/whoami")
         assert r.status_code == 200 and r.headers[TARGET] == iid
     s2 = serve(files, "--data-plane", "haproxy", state_dir=s.state_dir, port=int(s.url.rsplit(":", 1)[1]))
-    assert "adopted the running HAProxy" in s2.log()
+    # The adopted HAProxy answers on the port before the new serve has booted its data plane.
+    s2.wait_for(lambda: "adopted the running HAProxy" in s2.log(), what="the data plane adopted")
     assert _master(s2) == master
     assert [i["id"] for i in s2.instances("hello")] == [iid]
     assert s2.get("/d/hello/whoami").headers[TARGET] == iid
