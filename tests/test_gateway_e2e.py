@@ -220,9 +220,20 @@ def test_crashed_instance_is_noticed_and_the_next_request_is_served(serve, data_
     s = serve({"hello.yaml": deployment_yaml("hello")})
     first = s.get("/d/hello/whoami")
     os.killpg(os.getpgid(first.json()["pid"]), signal.SIGKILL)
-    r = s.wait_for(lambda: (lambda x: x if x.status_code == 200 else None)(s.get("/d/hello/whoami")),
-                   timeout=20, what="a request served after the crash")
+    dropped = []
+
+    def served() -> requests.Response | None:
+        try:
+            r = s.get("/d/hello/whoami")
+        except requests.ConnectionError as exc:
+            # A request racing the crash may lose its connection (seen once in haproxy mode
+            # under CI load, never reproduced); what this test proves is the recovery.
+            dropped.append(exc)
+            return None
+        return r if r.status_code == 200 else None
+    r = s.wait_for(served, timeout=20, what="a request served after the crash")
     assert r.headers[TARGET] != first.headers[TARGET]
+    assert len(dropped) <= 1, dropped  # at most the request that raced the crash
 
 
 def test_invalid_change_is_reported_and_last_good_revision_keeps_serving(serve):
