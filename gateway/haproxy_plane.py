@@ -48,6 +48,7 @@ WORKER_ID = -1  # gunicorn workers sync with their pids; the data plane with thi
 SYNC_WAIT_S = 0.25
 START_TIMEOUT_S = 15.0
 RELOAD_TIMEOUT_S = 15.0
+RELOAD_RESEND_S = 2.0  # no new worker after this long: the master did not take the signal; send it again
 TUNNEL_SWEEP_S = 1.0  # how often tunnels past spec.tunnelTimeout are looked for (`show sess`)
 
 
@@ -96,6 +97,14 @@ def runtime_dir(state_dir: Path) -> Path:
 
 
 # ---------------------------------------------------------------------- the process
+def _children(pid: int) -> set[int]:
+    """The master's worker pids (a reload forks a new one)."""
+    try:
+        return {c.pid for c in psutil.Process(pid).children()}
+    except psutil.Error:
+        return set()
+
+
 class HaproxyProcess:
     """Start, adopt, reload and stop one HAProxy master (pid file in the state directory)."""
 
@@ -158,10 +167,17 @@ class HaproxyProcess:
             raise AutoDeployError(errors.DATA_PLANE_UNAVAILABLE, "haproxy is not running")
         self._write(text, revision_map, map_text)
         old_worker = self.api.info().get("Pid")
+        before = _children(pid)
         os.kill(pid, signal.SIGUSR2)
         deadline = time.monotonic() + RELOAD_TIMEOUT_S
+        resend = time.monotonic() + RELOAD_RESEND_S
         answering: Any = None
         while time.monotonic() < deadline:
+            if time.monotonic() >= resend and _children(pid) == before:
+                # No new worker forked: a master still finishing its own start lets a SIGUSR2 go
+                # unheeded. Ask again (never while a new worker exists: that reload is under way).
+                os.kill(pid, signal.SIGUSR2)
+                resend = time.monotonic() + RELOAD_RESEND_S
             try:
                 # Until the old worker lets go of the Runtime API socket, a connection may still
                 # reach it and read the old config (then `add server` of a server the new file
