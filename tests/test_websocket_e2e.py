@@ -29,6 +29,14 @@ def ws_url(served, path: str) -> str:
     return served.url.replace("http://", "ws://") + path
 
 
+def open_tunnels(served, stack: ExitStack, n: int) -> None:
+    """n WebSockets to /d/ws/echo, each answered once, left open until `stack` closes."""
+    for i in range(n):
+        ws = stack.enter_context(connect(ws_url(served, "/d/ws/echo"), open_timeout=60))
+        ws.send(f"open {i}")
+        assert ws.recv(timeout=30) == f"open {i}"
+
+
 def warm(served, name: str = "ws") -> None:
     """One plain request first, so the WebSocket under test meets a ready instance (in
     haproxy mode: HAProxy's tunnel, not the activator's)."""
@@ -126,10 +134,7 @@ def test_open_tunnels_count_as_concurrency_and_scale_the_deployment_out(serve, d
                                                                                     + autoscaling + "\n")})
     warm(s)
     with ExitStack() as stack:
-        for _ in range(5):
-            ws = stack.enter_context(connect(ws_url(s, "/d/ws/echo"), open_timeout=60))
-            ws.send("open")
-            assert ws.recv(timeout=30) == "open"
+        open_tunnels(s, stack, 5)
         s.wait_for(lambda: sum(i["state"] == "ready" for i in s.instances("ws")) == 3, timeout=60,
                    what="scaled out to 3 on open tunnels")
         scaled = [e["message"] for e in s.status("ws")["events"] if e["kind"] == "autoscale"]
@@ -196,10 +201,7 @@ def test_a_worker_full_of_tunnels_refuses_the_next_with_1071_and_still_answers_p
     s = serve({"ws.yaml": ws_yaml()}, "--workers", "1", "--worker-connections", "8")
     warm(s)
     with ExitStack() as stack:
-        for _ in range(6):
-            ws = stack.enter_context(connect(ws_url(s, "/d/ws/echo"), open_timeout=30))
-            ws.send("hi")
-            assert ws.recv(timeout=30) == "hi"
+        open_tunnels(s, stack, 6)
         with pytest.raises(InvalidStatus) as refused:
             connect(ws_url(s, "/d/ws/echo"), open_timeout=30)
         assert refused.value.response.status_code == 503
