@@ -96,6 +96,13 @@ def runtime_dir(state_dir: Path) -> Path:
     return Path(tempfile.gettempdir()) / f"autodeploy-{digest}"
 
 
+def _routing(snapshot: Snapshot) -> tuple[dict[str, Backend], dict[str, list[Server]], dict[str, str]]:
+    """What HAProxy should have for a routing snapshot: backends, their servers, endpoint keys."""
+    deps = snapshot.deployments
+    return ({name: backend_of(dep, name) for name, dep in deps.items()},
+            {name: servers_of(dep) for name, dep in deps.items()}, keys_of(deps))
+
+
 # ---------------------------------------------------------------------- the process
 def _children(pid: int) -> set[int]:
     """The master's worker pids (a reload forks a new one)."""
@@ -302,19 +309,10 @@ class HaproxyDataPlane:
             # later: a request in between would reach the old worker's empty config, which sends
             # everything to the activator (a gRPC call there is a 404).
             snapshot = self._first_snapshot()
-            deps = snapshot.deployments
-            backends = {name: backend_of(dep, name) for name, dep in deps.items()}
-            desired = {name: servers_of(dep) for name, dep in deps.items()}
-            keys = keys_of(deps)
-            self._write_keys(keys)
-            pid = self.process.start(render(self.settings, backends.values(), desired), self.settings.revision_map,
-                                     revision_map_text(desired))
-            self._backends = backends
-            self._map = self.api.show_map(self.settings.revision_map) if desired else {}
-            self._keys = dict(keys) if any(b.private for b in backends.values()) else {}
+            pid = self._install(*_routing(snapshot), run=self.process.start)
             self._snapshot = snapshot
             log.info("started HAProxy (master pid %s) on %s:%s with %d backend(s)", pid, self.settings.bind_host,
-                     self.settings.bind_port, len(backends))
+                     self.settings.bind_port, len(self._backends or {}))
 
     def _first_snapshot(self) -> Snapshot:
         """The controller's routing now (one sync without waiting); empty if it cannot answer yet."""
@@ -372,10 +370,7 @@ class HaproxyDataPlane:
 
     def apply(self, snapshot: Snapshot) -> bool:
         """Make HAProxy match `snapshot`; True when a command changed something."""
-        deps = snapshot.deployments
-        backends = {name: backend_of(dep, name) for name, dep in deps.items()}
-        desired = {name: servers_of(dep) for name, dep in deps.items()}
-        keys = keys_of(deps)
+        backends, desired, keys = _routing(snapshot)
         changed = False
         if self._backends is not None and not self._master_alive():
             self._backends = None  # HAProxy is gone: start it again with everything
@@ -415,20 +410,26 @@ class HaproxyDataPlane:
 
     def _reload(self, backends: dict[str, Backend], desired: dict[str, list[Server]],
                 keys: dict[str, str] | None = None) -> None:
-        text = render(self.settings, backends.values(), desired)
-        map_text = revision_map_text(desired)
-        self._write_keys(keys or {})
         if self.process.master_pid() is None:  # it died (or was killed): serve goes on with a new one
             log.error("HAProxy was not running: starting it again with %d backend(s)", len(backends))
-            pid = self.process.start(text, self.settings.revision_map, map_text)
+            pid = self._install(backends, desired, keys, run=self.process.start)
             log.info("started HAProxy again (master pid %s)", pid)
         else:
-            self.process.reload(text, self.settings.revision_map, map_text)
+            self._install(backends, desired, keys, run=self.process.reload)
             log.info("HAProxy reloaded: backends %s", ", ".join(sorted(backends)) or "none")
+
+    def _install(self, backends: dict[str, Backend], desired: dict[str, list[Server]], keys: dict[str, str] | None,
+                 run: Callable[[str, str, str], Any]) -> Any:
+        """Write the config, maps and keys for this routing and start or reload HAProxy with
+        them (`run`); then what HAProxy has is known again. Returns what `run` returns."""
+        self._write_keys(keys or {})
+        result = run(render(self.settings, backends.values(), desired), self.settings.revision_map,
+                     revision_map_text(desired))
         self._backends = dict(backends)
         self._map = self.api.show_map(self.settings.revision_map)
         self._keys = dict(keys or {}) if any(b.private for b in backends.values()) else {}
         self._stot.clear()
+        return result
 
     def _write_keys(self, keys: dict[str, str]) -> None:
         """The keys map file HAProxy loads at a (re)load; only hashes, owner-only."""

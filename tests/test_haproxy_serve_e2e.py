@@ -9,7 +9,7 @@ import psutil
 
 from conftest import deployment_yaml
 from controller.errors import AutoDeployError
-from gateway.haproxy_plane import runtime_dir
+from gateway.haproxy_plane import running_master, runtime_dir
 from gateway.haproxy_runtime import RuntimeApi
 
 TARGET = "Deploy-Route-Target"
@@ -20,12 +20,7 @@ def _api(s) -> RuntimeApi:
 
 
 def _master(s) -> int | None:
-    """HAProxy's master pid, or None while its pid file is absent or being written."""
-    try:
-        words = (s.state_dir / "haproxy" / "haproxy.pid").read_text().split()
-    except FileNotFoundError:
-        return None
-    return int(words[0]) if words else None
+    return running_master(s.state_dir)  # None while none runs or its pid file is being written
 
 
 def _restarted_with(s, old: int, iid: str) -> bool:
