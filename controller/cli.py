@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     except AutoDeployError as exc:
         print(f"error {exc.error.code}: {exc.operator_message}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `autodeploy ... | head`: the reader has gone, nothing more to print
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 1
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -121,3 +122,15 @@ def test_json_output_carries_every_deployment_error_and_warning_with_the_same_ex
     cli = subprocess.run([str(CONSOLE_SCRIPT), "validate", "-o", "json", str(tmp_path)], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert cli.returncode == EXIT_OK and json.loads(cli.stdout)["valid"] is True, cli.stderr
+
+
+def test_a_reader_that_left_the_pipe_gets_no_traceback():
+    """`autodeploy validate ... | head`: once the reader is gone the CLI stops quietly."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has already left
+    try:
+        done = subprocess.run([str(CONSOLE_SCRIPT), "validate", "-o", "json", "deployments"], cwd=REPO,
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
