@@ -36,6 +36,10 @@ log = logging.getLogger("autodeploy.controller")
 
 WORKER_STALE_S = 3.0  # a worker that has not synced for this long is gone (gunicorn restarts it)
 DRAIN_TIMEOUT_S = 30.0  # an instance being released stops after this even with requests in flight
+# A connect refused by a ready instance: it is polled up to this many times, this far apart
+# (0.5 s at most), since an exiting process closes its socket before it can be reaped.
+UNREACHABLE_CHECKS = 10
+UNREACHABLE_CHECK_INTERVAL_S = 0.05
 HISTORY_SAVE_S = 5.0  # the dashboard's chart minutes are saved in the store this often (a restart keeps them)
 
 __all__ = ["Controller", "DepRuntime", "Rec", "WorkerView", "drain_timeout_s"]
@@ -236,11 +240,20 @@ class Controller:
             return SyncReply(fleet.version, self.snapshot())
 
     def report_unreachable(self, instance_id: str) -> None:
-        """A worker could not connect to an instance: check it now rather than at the next tick."""
+        """A worker could not connect to an instance: check it now rather than at the next tick.
+        A process that is exiting refuses connections a moment before it can be reaped, so the
+        check is repeated for a short, bounded while: the worker's retry then meets the crash
+        booked (and is held for a replacement), not the same dead address again."""
         with self.fleet:
             rec = self.fleet.find(instance_id)
-        if rec is not None and rec.phase == READY:
+        for _ in range(UNREACHABLE_CHECKS):
+            if rec is None or rec.phase != READY:
+                return
             self.fleet.check(rec)
+            if rec.driver_failures:  # the poll itself failed: marked, and retried with backoff
+                return
+            if rec.phase == READY:
+                self.fleet.sleep(UNREACHABLE_CHECK_INTERVAL_S)
 
     def snapshot(self) -> Snapshot:
         """What workers route by: ready instances per deployment (caller holds the lock).

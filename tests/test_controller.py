@@ -387,6 +387,35 @@ def test_a_raising_unreachable_check_marks_the_instance_only(h: Harness):
     assert h.recs("a")[0].driver_failures == 1 and h.phases("a") == ["ready"]
 
 
+def test_an_unreachable_instance_still_exiting_is_polled_until_its_exit_is_booked(h: Harness):
+    """A killed process refuses connections a moment before its exit can be seen: the report
+    keeps polling (bounded) so the worker's retry meets the crash booked, not the same address."""
+    h.apply(dep("a"))
+    iid = h.c.acquire("a", None, timeout=5).id
+    polls = {"n": 0}
+    real_poll = h.driver.poll
+
+    def exiting(inst):  # alive for two more polls, then the exit shows
+        polls["n"] += 1
+        if polls["n"] == 3:
+            h.driver.crash(iid, code=-9, tail="killed")
+        return real_poll(inst)
+    h.driver.poll = exiting
+    h.c.report_unreachable(iid)
+    assert polls["n"] == 3  # no poll after the exit was seen
+    assert "crashed" in h.kinds("a") and "ready" not in h.phases("a")
+
+
+def test_an_unreachable_instance_that_stays_alive_is_polled_a_bounded_number_of_times(h: Harness):
+    from controller.core import UNREACHABLE_CHECKS
+    h.apply(dep("a"))
+    iid = h.c.acquire("a", None, timeout=5).id
+    before = h.driver.calls.count(("poll", iid))
+    h.c.report_unreachable(iid)
+    assert h.driver.calls.count(("poll", iid)) - before == UNREACHABLE_CHECKS
+    assert h.phases("a") == ["ready"]
+
+
 # ---------------------------------------------------------------------------- adoption
 def test_a_restarted_controller_adopts_live_instances_and_books_the_rest_as_lost(tmp_path: Path):
     first = make(tmp_path)

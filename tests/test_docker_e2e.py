@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import docker
@@ -34,6 +35,11 @@ def client():
 
 
 def ours(client: docker.DockerClient, deployment: str) -> list:
+    for _ in range(5):
+        try:
+            return client.containers.list(all=True, filters={"label": f"autodeploy.deployment={deployment}"})
+        except docker.errors.NotFound:  # one was removed between the listing and its inspect: list again
+            time.sleep(0.05)
     return client.containers.list(all=True, filters={"label": f"autodeploy.deployment={deployment}"})
 
 
