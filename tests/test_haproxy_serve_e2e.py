@@ -69,6 +69,8 @@ def test_data_plane_outlives_a_sigkilled_serve_and_the_next_serve_adopts_it(serv
     s2 = serve(files, "--data-plane", "haproxy", state_dir=s.state_dir, port=int(s.url.rsplit(":", 1)[1]))
     # The adopted HAProxy answers on the port before the new serve has booted its data plane.
     s2.wait_for(lambda: "adopted the running HAProxy" in s2.log(), what="the data plane adopted")
+    # ... and until the new activator is up, the API through it answers a coded 503 (retry).
+    s2.wait_for(lambda: s2.get("/api/deployments").status_code == 200, what="the new activator answering")
     assert _master(s2) == master
     assert [i["id"] for i in s2.instances("hello")] == [iid]
     assert s2.get("/d/hello/whoami").headers[TARGET] == iid
